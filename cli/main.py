@@ -1,0 +1,328 @@
+"""The ``scdrugmap-ray`` command line: thin, it parses and calls engine / jobs.
+
+Bad input is one line on stderr (``error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from scdrugmap_ray.engine.errors import UserError
+
+log = logging.getLogger("scdrugmap_ray")
+
+
+class _App(typer.Typer):
+    """Typer app that turns UserError (also from inside Ray tasks) into one line and exit status 2."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except UserError as err:
+            cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+            message = str(cause) if isinstance(cause, UserError) else str(err).strip().splitlines()[-1]
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+app = _App(
+    name="scdrugmap-ray",
+    help="Predict and benchmark single-cell drug response with foundation models, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = _App(help="List the available models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, console=_stderr_console())],
+        force=True,
+    )
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _say(line: str) -> None:
+    typer.echo(line)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+LabelKey = Annotated[str | None, typer.Option(help="obs column with drug-response labels (absent: unlabelled).")]
+Sensitive = Annotated[list[str] | None, typer.Option(help="A label value meaning sensitive (repeatable).")]
+Resistant = Annotated[list[str] | None, typer.Option(help="A label value meaning resistant (repeatable).")]
+DatasetKey = Annotated[str | None, typer.Option(help="obs column naming each cell's dataset.")]
+DatasetName = Annotated[str | None, typer.Option("--dataset", help="One dataset name for all cells.")]
+SampleKey = Annotated[str | None, typer.Option(help="obs column naming each cell's sample (for grouped splits).")]
+Layer = Annotated[str | None, typer.Option(help="Read this layer instead of X (e.g. counts).")]
+GeneKey = Annotated[str | None, typer.Option(help="var column with gene names (default: var_names).")]
+ObsMap = Annotated[
+    list[str] | None,
+    typer.Option(help="COLUMN=OBS_COLUMN for cancer_type, tissue, therapy or regimen (repeatable)."),
+]
+
+
+def _convert_options(
+    label_key: str | None,
+    sensitive: list[str] | None,
+    resistant: list[str] | None,
+    dataset_key: str | None,
+    dataset: str | None,
+    sample_key: str | None,
+    layer: str | None,
+    gene_key: str | None,
+    obs_map: list[str] | None,
+) -> Any:
+    from scdrugmap_ray.engine.data.convert import ConvertOptions
+    from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
+
+    mapping: dict[str, str] = {}
+    for item in obs_map or []:
+        key, sep, col = item.partition("=")
+        if not sep or not col or key not in METADATA_COLUMNS:
+            raise UserError(
+                f"--obs-map {item!r}: expected COLUMN=OBS_COLUMN with COLUMN one of {', '.join(METADATA_COLUMNS)}"
+            )
+        mapping[key] = col
+    if dataset_key and dataset:
+        raise UserError("give either --dataset-key (an obs column) or --dataset (one name), not both")
+    return ConvertOptions(
+        label_key=label_key,
+        sensitive=tuple(sensitive or ()),
+        resistant=tuple(resistant or ()),
+        dataset_key=dataset_key,
+        dataset=dataset,
+        sample_key=sample_key,
+        layer=layer,
+        gene_key=gene_key,
+        obs_map=mapping,
+    )
+
+
+@app.command()
+def convert(
+    input: Annotated[Path, typer.Argument(help="An .h5ad file.")],
+    out_dir: Annotated[Path, typer.Argument(help="The cell store directory to write.")],
+    label_key: LabelKey = None,
+    sensitive: Sensitive = None,
+    resistant: Resistant = None,
+    dataset_key: DatasetKey = None,
+    dataset: DatasetName = None,
+    sample_key: SampleKey = None,
+    layer: Layer = None,
+    gene_key: GeneKey = None,
+    obs_map: ObsMap = None,
+    chunk_size: Annotated[int, typer.Option(help="Cells read per chunk (bounds memory).")] = 10000,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Convert an AnnData .h5ad into a cell store (streaming, bounded memory)."""
+    from dataclasses import replace
+
+    from scdrugmap_ray.engine.data.convert import convert_h5ad
+
+    opts = _convert_options(
+        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map
+    )
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
+    report = convert_h5ad(input, out_dir, replace(opts, chunk_size=chunk_size), overwrite=overwrite)
+    for line in report.lines():
+        _say(line)
+    _say(f"wrote cell store {out_dir}")
+
+
+@app.command()
+def validate(
+    input: Annotated[Path, typer.Argument(help="An .h5ad file.")],
+    label_key: LabelKey = None,
+    sensitive: Sensitive = None,
+    resistant: Resistant = None,
+    dataset_key: DatasetKey = None,
+    dataset: DatasetName = None,
+    sample_key: SampleKey = None,
+    layer: Layer = None,
+    gene_key: GeneKey = None,
+    obs_map: ObsMap = None,
+) -> None:
+    """Report what convert would do with an .h5ad, writing nothing."""
+    from scdrugmap_ray.engine.data.convert import inspect_h5ad
+
+    opts = _convert_options(
+        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map
+    )
+    for line in inspect_h5ad(input, opts).lines():
+        _say(line)
+    _say("ok: convert would succeed")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Argument(help="The .h5ad file to write.")],
+    cells: Annotated[int, typer.Option(min=10, help="Number of cells.")] = 4000,
+    datasets: Annotated[int, typer.Option(min=1, help="Number of datasets (batches).")] = 4,
+    samples_per_dataset: Annotated[int, typer.Option(min=1, help="Samples per dataset.")] = 4,
+    effect: Annotated[float, typer.Option(min=0.0, help="Strength of the resistance program (0: none).")] = 1.0,
+    genes: Annotated[int, typer.Option(min=100, help="Number of genes.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Simulate drug-response scRNA-seq counts (sample-level labels, planted resistance program)."""
+    from scdrugmap_ray.engine.data.simulate import simulate_h5ad
+
+    if out.suffix != ".h5ad":
+        raise UserError(f"{out}: the output must be an .h5ad file name")
+    summary = simulate_h5ad(
+        out,
+        n_cells=cells,
+        n_datasets=datasets,
+        samples_per_dataset=samples_per_dataset,
+        effect=effect,
+        seed=seed,
+        n_genes=genes,
+    )
+    _say(
+        f"wrote {out}: {summary.n_cells} cells x {summary.n_genes} genes, "
+        f"{summary.fraction_zeros:.1%} zeros, median library size {summary.median_library_size:.0f}"
+    )
+
+
+# ------------------------------------------------------------------------------------- benchmarks
+
+
+@app.command()
+def run(
+    benchmark: Annotated[Path, typer.Argument(help="The benchmark YAML.")],
+    out: Annotated[str | None, typer.Option(help="Run directory (default: the YAML's output).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a run: skip finished folds.")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Connect to this Ray cluster instead of starting a local one.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a benchmark on an embedded local Ray (or an existing cluster with --address)."""
+    from scdrugmap_ray.jobs.runner import run_benchmark
+    from scdrugmap_ray.jobs.spec import load_spec
+
+    spec = load_spec(benchmark)
+    run_dir = run_benchmark(spec, out=out, resume=resume, address=address, progress=progress)
+    _print_summary(run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    random = [m["name"] for m in manifest["models"] if m["random_weights"]]
+    if random:
+        _say(f"WARNING: RANDOM WEIGHTS (not pretrained) for {', '.join(random)}: their scores mean nothing")
+    res = pd.read_parquet(run_dir / "results.parquet")
+    keys = ["model", "head", "scheme", "split", "few_shot_k"]
+    table = res.groupby(keys, dropna=False)[["f1", "auroc", "auprc"]].mean().round(3).reset_index()
+    _say(table.to_string(index=False))
+    _say(f"results: {run_dir / 'results.parquet'}")
+    _say(f"report:  {run_dir / 'report.html'}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Rebuild report.html of a run."""
+    from scdrugmap_ray.jobs.report import build_report
+
+    if not (run_dir / "results.parquet").exists():
+        raise UserError(f"{run_dir} has no results.parquet; is it the output directory of scdrugmap-ray run?")
+    _say(f"wrote {build_report(run_dir)}")
+
+
+# ---------------------------------------------------------------------------------------- cluster
+
+Address = Annotated[
+    str, typer.Option(envvar="RAY_ADDRESS", help="The cluster's dashboard, e.g. http://HEAD:8265.")
+]
+
+
+@app.command()
+def submit(
+    benchmark: Annotated[Path, typer.Argument(help="The benchmark YAML.")],
+    address: Address,
+    out: Annotated[str | None, typer.Option(help="Run directory on the cluster's storage.")] = None,
+    pip: Annotated[list[str] | None, typer.Option(help="Extra pip package for the job (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to finish and print its logs.")] = False,
+) -> None:
+    """Submit a benchmark to a Ray cluster through the Ray Jobs API."""
+    from scdrugmap_ray.jobs import submit as jobs_submit
+    from scdrugmap_ray.jobs.spec import load_spec
+
+    load_spec(benchmark)  # refuse a bad spec here, not on the cluster
+    job_id = jobs_submit.submit(benchmark, address, out=out, pip=pip)
+    _say(f"submitted {job_id}")
+    if wait:
+        final = jobs_submit.wait(address, job_id)
+        _say(jobs_submit.logs(address, job_id))
+        _say(f"{job_id}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument()], address: Address) -> None:
+    """Show a submitted job's status."""
+    from scdrugmap_ray.jobs import submit as jobs_submit
+
+    _say(f"{job_id}: {jobs_submit.status(address, job_id)}")
+
+
+@app.command()
+def logs(job_id: Annotated[str, typer.Argument()], address: Address) -> None:
+    """Print a submitted job's logs."""
+    from scdrugmap_ray.jobs import submit as jobs_submit
+
+    _say(jobs_submit.logs(address, job_id))
+
+
+@app.command()
+def stop(job_id: Annotated[str, typer.Argument()], address: Address) -> None:
+    """Stop a submitted job."""
+    from scdrugmap_ray.jobs import submit as jobs_submit
+
+    stopped = jobs_submit.stop(address, job_id)
+    _say(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models a benchmark can name."""
+    from scdrugmap_ray.engine.models.base import available_models
+
+    for name in available_models():
+        _say(name)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,384 @@
+"""Run a benchmark on Ray: prepare data, share embeddings, run every fold as a task, collect results.
+
+The same code runs on an embedded local Ray (``scdrugmap-ray run``) and inside a Ray job on a cluster
+(``scdrugmap-ray submit``): ``ray.init()`` connects to the cluster when the job runs there.
+
+Each fold writes its result files atomically under ``units/<unit_id>/``, the result row last, so a
+crash loses only the folds in flight and ``--resume`` skips every fold whose result row exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
+from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
+from scdrugmap_ray.engine.data.simulate import simulate_h5ad
+from scdrugmap_ray.engine.data.splits import Fold
+from scdrugmap_ray.engine.data.store import CellStore
+from scdrugmap_ray.engine.errors import UserError
+from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, compute_metrics
+from scdrugmap_ray.engine.fsutil import atomic_file, write_json
+from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
+from scdrugmap_ray.engine.train.frozen import run_frozen_fold
+
+from .planner import Unit, model_key, plan_units
+from .spec import BenchmarkSpec, DataSpec
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.parquet"
+BREAKDOWNS = "breakdowns.parquet"
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_store(d: DataSpec, cache: Path, progress: bool = True) -> CellStore:
+    """The cell store of a data entry: a store directory as is, an .h5ad converted once (cached)."""
+    label_key, dataset_key, sample_key = d.label_key, d.dataset_key, d.sample_key
+    if d.simulate is not None:
+        sim = d.simulate
+        src = cache / "simulated" / f"sim-{_digest(sim.model_dump())}.h5ad"
+        if not src.exists():
+            simulate_h5ad(
+                src,
+                n_cells=sim.cells,
+                n_datasets=sim.datasets,
+                samples_per_dataset=sim.samples_per_dataset,
+                effect=sim.effect,
+                seed=sim.seed,
+                n_genes=sim.genes,
+                progress=progress,
+            )
+        # The simulator's own obs columns, unless the entry names others.
+        label_key = label_key or "response"
+        dataset_key = dataset_key or (None if d.dataset else "dataset")
+        sample_key = sample_key or "sample"
+    else:
+        assert d.path is not None
+        src = Path(d.path)
+        if not src.exists():
+            raise UserError(f"data path {src} not found (relative paths are taken from {Path.cwd()})")
+    opts = ConvertOptions(
+        label_key=label_key,
+        sensitive=tuple(d.sensitive),
+        resistant=tuple(d.resistant),
+        dataset_key=dataset_key,
+        dataset=d.dataset if d.dataset else (None if dataset_key else d.display_name),
+        sample_key=sample_key,
+        layer=d.layer,
+        gene_key=d.gene_key,
+        obs_map=dict(d.obs_map),
+    )
+    return ensure_store(src, opts, cache / "stores")
+
+
+def _labelled_obs(store: CellStore, data_name: str) -> pd.DataFrame:
+    obs = store.obs()
+    if store.meta.get("label_key") is None or obs["label"].notna().sum() == 0:
+        raise UserError(
+            f"data {data_name!r} has no labelled cells; set label_key in the benchmark to the obs column "
+            "holding sensitive/resistant labels"
+        )
+    return obs
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+
+
+def embedding_path(cache: Path, store: CellStore, model_identity: dict[str, Any]) -> Path:
+    return cache / "embeddings" / f"{store.content_hash[:16]}-{_digest(model_identity)}.parquet"
+
+
+def write_embedding(path: Path, cell_ids: pd.Series, emb: np.ndarray) -> None:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    values = pa.array(emb.reshape(-1), type=pa.float32())
+    table = pa.table(
+        {
+            "cell_id": pa.array(cell_ids.astype(str).to_numpy()),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1]),
+        }
+    )
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_embedding(path: Path) -> np.ndarray:
+    col = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def _embed_task(model_spec: dict[str, Any], store_path: str, out_path: str) -> str:
+    model = get_model(model_spec["name"], model_spec["options"])
+    assert isinstance(model, EmbeddingModel)
+    store = CellStore.open(store_path)
+    emb = model.embed_store(store)
+    write_embedding(Path(out_path), store.obs(["cell_id"])["cell_id"], emb)
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------- folds
+
+
+def _fold_files(run_dir: Path, unit: Unit, fold: Fold) -> dict[str, Path]:
+    base = run_dir / "units" / unit.unit_id / unit.fold_id(fold)
+    return {k: base.with_name(f"{base.name}.{k}.parquet") for k in ("result", "breakdown", "predictions")}
+
+
+def _fold_task(
+    unit: Unit,
+    fold: Fold,
+    store_path: str,
+    obs: pd.DataFrame,
+    emb_path: str | None,
+    run_dir: str,
+    n_boot: int,
+    random_weights: bool,
+) -> str:
+    """Train and evaluate one fold; write predictions, breakdowns, then the result row."""
+    store = CellStore.open(store_path)
+    model = get_model(unit.model.name, unit.model.options)
+    embedding = read_embedding(Path(emb_path)) if emb_path else None
+    out = run_frozen_fold(
+        model, store, obs, fold, unit.head, unit.model.head_options, unit.seed, embedding
+    )
+    meta_cols = [c for c in METADATA_COLUMNS if c in obs.columns]
+    preds = obs.loc[out.test_rows, ["cell_id", *meta_cols]].reset_index(drop=True)
+    preds.insert(1, "fold", fold.fold)
+    preds.insert(2, "y_true", out.y_true.astype(np.int8))
+    preds.insert(3, "p_sensitive", out.p_sensitive.astype(np.float32))
+    preds.insert(4, "y_pred", (out.p_sensitive >= 0.5).astype(np.int8))
+
+    ident = {
+        "unit_id": unit.unit_id,
+        "data": unit.data,
+        "model": unit.model.name,
+        "head": unit.head,
+        "strategy": unit.strategy,
+        "scheme": unit.scheme,
+        "split": unit.split,
+        "fold": fold.fold,
+        "fold_name": fold.name,
+        "seed": unit.seed,
+        "test_dataset": fold.test_dataset,
+        "few_shot_k": fold.few_shot_k,
+    }
+    metrics = compute_metrics(out.y_true, out.p_sensitive)
+    cis = bootstrap_ci(out.y_true, out.p_sensitive, n_boot=n_boot, seed=unit.seed) if n_boot else {}
+    row: dict[str, Any] = {
+        **ident,
+        "n_train": len(fold.train),
+        "n_val": len(fold.val),
+        "n_test": len(fold.test),
+        "n_test_sensitive": int(out.y_true.sum()),
+        **metrics,
+    }
+    for m in METRICS:
+        low, high = cis.get(m, (np.nan, np.nan))
+        row[f"{m}_ci_low"], row[f"{m}_ci_high"] = low, high
+    row.update(
+        fit_seconds=out.fit_seconds,
+        predict_seconds=out.predict_seconds,
+        random_weights=random_weights,
+        train_info=json.dumps(out.train_info, default=str),
+    )
+    bd = breakdown(preds, by=[c for c in ("dataset", "cancer_type", "tissue", "therapy", "regimen") if c in preds])
+    for k, v in reversed(list(ident.items())):
+        if k not in ("data", "split", "fold_name"):
+            bd.insert(0, k, v)
+
+    files = _fold_files(Path(run_dir), unit, fold)
+    files["result"].parent.mkdir(parents=True, exist_ok=True)
+    for key, frame in (("predictions", preds), ("breakdown", bd), ("result", pd.DataFrame([row]))):
+        with atomic_file(files[key]) as tmp:
+            frame.to_parquet(tmp, index=False)
+    return unit.unit_id
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("scdrugmap-ray", "ray", "torch", "numpy", "pandas", "scikit-learn", "anndata", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs["include_dashboard"] = False  # embedded local Ray: no dashboard needed
+    ray.init(address=address, **kwargs)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run_benchmark(
+    spec: BenchmarkSpec,
+    *,
+    out: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run every unit of the benchmark; return the run directory."""
+    import ray
+
+    run_dir = spec.output_dir(out)
+    units_dir = run_dir / "units"
+    if units_dir.exists() and any(units_dir.iterdir()) and not resume:
+        raise UserError(
+            f"{run_dir} already holds results of a run; pass --resume to continue it, or --out to start anew"
+        )
+    cache = spec.cache_dir()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+
+    # Everything that can be wrong with the input is found here, before any work is scheduled.
+    stores: dict[str, CellStore] = {}
+    obs_by_data: dict[str, pd.DataFrame] = {}
+    for d in spec.data:
+        store = prepare_store(d, cache, progress=progress)
+        stores[d.display_name] = store
+        obs_by_data[d.display_name] = _labelled_obs(store, d.display_name)
+    models = {model_key(m): get_model(m.name, m.options) for m in spec.models}
+    for store in stores.values():
+        for model in models.values():
+            model.check_store(store)
+    units = plan_units(spec, obs_by_data)
+    todo = [(u, f) for u in units for f in u.folds if not _fold_files(run_dir, u, f)["result"].exists()]
+    n_done = sum(len(u.folds) for u in units) - len(todo)
+    log.info("%d units, %d folds to run (%d already finished)", len(units), len(todo), n_done)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
+    _init_ray(address)
+    embed_remote = ray.remote(num_cpus=spec.resources.cpus_per_unit, num_gpus=spec.resources.gpus_per_unit)(
+        _embed_task
+    )
+    fold_remote = ray.remote(num_cpus=spec.resources.cpus_per_unit, num_gpus=spec.resources.gpus_per_unit)(
+        _fold_task
+    )
+
+    # Each (data, embedding model) is embedded once; every frozen unit reuses it.
+    emb_paths: dict[tuple[str, str], Path] = {}
+    pending_embeds = []
+    for data_name, store in stores.items():
+        for m in spec.models:
+            model = models[model_key(m)]
+            if not isinstance(model, EmbeddingModel):
+                continue
+            path = embedding_path(cache, store, model.identity())
+            emb_paths[(data_name, model_key(m))] = path
+            if not path.exists() and any(u.data == data_name and u.model == m for u, _ in todo):
+                spec_dict = {"name": m.name, "options": m.options}
+                pending_embeds.append(embed_remote.remote(spec_dict, str(store.path), str(path)))
+
+    obs_refs = {name: ray.put(obs) for name, obs in obs_by_data.items()}
+    with _progress(len(todo), progress) as bar:
+        if pending_embeds:
+            task = bar.add_task("embed", total=len(pending_embeds))
+            for ref in pending_embeds:
+                ray.get(ref)
+                bar.advance(task)
+        task = bar.add_task("folds", total=len(todo))
+        refs = []
+        for unit, fold in todo:
+            emb = emb_paths.get((unit.data, model_key(unit.model)))
+            refs.append(
+                fold_remote.remote(
+                    unit,
+                    fold,
+                    str(stores[unit.data].path),
+                    obs_refs[unit.data],
+                    str(emb) if emb else None,
+                    str(run_dir),
+                    spec.evaluation.bootstrap,
+                    models[model_key(unit.model)].random_weights,
+                )
+            )
+        remaining = refs
+        while remaining:
+            done, remaining = ray.wait(remaining, num_returns=1)
+            ray.get(done)  # re-raises a task's error here
+            bar.advance(task)
+
+    collect_results(run_dir, units)
+    manifest = {
+        "name": spec.name,
+        "spec": spec.model_dump(mode="json"),
+        "versions": _versions(),
+        "data": [
+            {"name": n, "path": str(s.path), "content_hash": s.content_hash, "n_cells": s.n_cells}
+            for n, s in stores.items()
+        ],
+        "models": [
+            {"name": m.name, "key": k, "identity": models[k].identity(), "random_weights": models[k].random_weights}
+            for k, m in ((model_key(m), m) for m in spec.models)
+        ],
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "units": [{"unit_id": u.unit_id, "n_folds": len(u.folds), "status": "finished"} for u in units],
+        "ray": {"address": address or os.environ.get("RAY_ADDRESS") or "local"},
+    }
+    write_json(run_dir / MANIFEST, manifest)
+
+    from .report import build_report
+
+    build_report(run_dir)
+    return run_dir
+
+
+def collect_results(run_dir: Path, units: list[Unit]) -> None:
+    """Gather the per-fold files into results.parquet, breakdowns.parquet and predictions/<unit>.parquet."""
+    results, breakdowns = [], []
+    (run_dir / "predictions").mkdir(exist_ok=True)
+    for unit in units:
+        preds = []
+        for fold in unit.folds:
+            files = _fold_files(run_dir, unit, fold)
+            results.append(pd.read_parquet(files["result"]))
+            breakdowns.append(pd.read_parquet(files["breakdown"]))
+            preds.append(pd.read_parquet(files["predictions"]))
+        with atomic_file(run_dir / "predictions" / f"{unit.unit_id}.parquet") as tmp:
+            pd.concat(preds, ignore_index=True).to_parquet(tmp, index=False)
+    for name, frames in ((RESULTS, results), (BREAKDOWNS, breakdowns)):
+        with atomic_file(run_dir / name) as tmp:
+            pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+

@@ -1,0 +1,214 @@
+"""The benchmark specification: one YAML file, validated strictly.
+
+Unknown keys are errors with a "did you mean"; every error is one line (a UserError). Relative paths
+are taken relative to the current directory, as in any command-line tool.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from scdrugmap_ray.engine.errors import UserError
+from scdrugmap_ray.engine.models.base import HEADS
+
+STRATEGIES = ("frozen",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulateSpec(_Strict):
+    """Simulated data generated on the fly (cached): the quickstart needs no download."""
+
+    cells: int = Field(4000, ge=10)
+    datasets: int = Field(4, ge=1)
+    samples_per_dataset: int = Field(4, ge=1)
+    effect: float = Field(1.0, ge=0)
+    genes: int = Field(5000, ge=100)
+    seed: int = 0
+
+
+class DataSpec(_Strict):
+    path: str | None = None
+    simulate: SimulateSpec | None = None
+    name: str | None = None
+    label_key: str | None = None
+    sensitive: list[str] = []
+    resistant: list[str] = []
+    dataset_key: str | None = None
+    dataset: str | None = None
+    sample_key: str | None = None
+    layer: str | None = None
+    gene_key: str | None = None
+    obs_map: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.path is None) == (self.simulate is None):
+            raise ValueError("each data entry needs exactly one of 'path' or 'simulate'")
+        if self.dataset_key and self.dataset:
+            raise ValueError("give either 'dataset_key' (an obs column) or 'dataset' (one name), not both")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.path:
+            return Path(self.path).name.removesuffix(".h5ad")
+        return "simulated"
+
+
+class ModelSpec(_Strict):
+    name: str
+    head: Literal["mlp", "logreg"] | None = None
+    options: dict[str, Any] = {}
+    head_options: dict[str, Any] = {}
+
+
+class PooledSpec(_Strict):
+    folds: int = Field(5, ge=2)
+    split: Literal["sample", "cell"] | list[Literal["sample", "cell"]] = "sample"
+
+    @property
+    def splits(self) -> list[str]:
+        return [self.split] if isinstance(self.split, str) else list(dict.fromkeys(self.split))
+
+
+class CrossDataSpec(_Strict):
+    holdout: Literal["each"] | list[str] = "each"
+    train: list[str] | None = None
+    few_shot: list[int] = []
+
+    @field_validator("few_shot")
+    @classmethod
+    def _positive(cls, ks: list[int]) -> list[int]:
+        if any(k <= 0 for k in ks):
+            raise ValueError("few_shot values are cells per class and must be positive (0-shot always runs)")
+        return sorted(set(ks))
+
+
+class EvaluationSpec(_Strict):
+    pooled: PooledSpec | None = None
+    cross_data: CrossDataSpec | None = None
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    bootstrap: int = Field(1000, ge=0)
+
+    @model_validator(mode="after")
+    def _some_scheme(self) -> EvaluationSpec:
+        if self.pooled is None and self.cross_data is None:
+            raise ValueError("evaluation needs at least one of 'pooled' or 'cross_data'")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_unit: float = Field(1, gt=0)
+    gpus_per_unit: float = Field(0, ge=0)
+
+
+class BenchmarkSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+    data: list[DataSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
+    strategies: list[str] = ["frozen"]
+    evaluation: EvaluationSpec
+    seeds: list[int] = Field([0], min_length=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    output: str | None = None
+    cache: str | None = None
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, strategies: list[str]) -> list[str]:
+        for s in strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"strategy {s!r} is not available yet (available: {', '.join(STRATEGIES)})")
+        return strategies
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BenchmarkSpec:
+        names = [d.display_name for d in self.data]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"data entries share the name(s) {sorted(dup)}: give each a distinct 'name'")
+        return self
+
+    def output_dir(self, override: str | None = None) -> Path:
+        return Path(override or self.output or f"runs/{self.name}")
+
+    def cache_dir(self) -> Path:
+        if self.cache:
+            return Path(self.cache)
+        env = os.environ.get("SCDRUGMAP_RAY_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "scdrugmap-ray"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the schema along an error location to list the keys allowed at that point."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _inner_model(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _inner_model(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(BenchmarkSpec, loc)
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{source}: unknown key {where!r}{did_you_mean}; allowed here: {', '.join(allowed)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {msg}"
+
+
+def parse_spec(data: Any, source: str = "benchmark") -> BenchmarkSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a YAML mapping with keys name, data, models, evaluation")
+    try:
+        spec = BenchmarkSpec.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_explain(err, source)) from None
+    for m in spec.models:
+        if m.head is not None and m.head not in HEADS:
+            raise UserError(f"{source}: model {m.name!r}: unknown head {m.head!r} (heads: {', '.join(HEADS)})")
+    return spec
+
+
+def load_spec(path: str | Path) -> BenchmarkSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"benchmark file {path} not found; see configs/quickstart.yaml for an example")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_spec(data, str(path))
