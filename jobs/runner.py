@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
 from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
 from scdrugmap_ray.engine.data.simulate import simulate_h5ad
@@ -32,6 +30,7 @@ from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, compute_metrics
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
+from scdrugmap_ray.engine.pipeline.embed import read_embeddings, write_embeddings
 from scdrugmap_ray.engine.train.frozen import run_frozen_fold
 
 from .planner import Unit, model_key, plan_units
@@ -108,31 +107,17 @@ def embedding_path(cache: Path, store: CellStore, model_identity: dict[str, Any]
     return cache / "embeddings" / f"{store.content_hash[:16]}-{_digest(model_identity)}.parquet"
 
 
-def write_embedding(path: Path, cell_ids: pd.Series, emb: np.ndarray) -> None:
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    values = pa.array(emb.reshape(-1), type=pa.float32())
-    table = pa.table(
-        {
-            "cell_id": pa.array(cell_ids.astype(str).to_numpy()),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1]),
-        }
-    )
-    with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
+def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path) -> Path:
+    """Embed every cell of the store once (cached by store content x model identity).
 
-
-def read_embedding(path: Path) -> np.ndarray:
-    col = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-
-
-def _embed_task(model_spec: dict[str, Any], store_path: str, out_path: str) -> str:
-    model = get_model(model_spec["name"], model_spec["options"])
-    assert isinstance(model, EmbeddingModel)
-    store = CellStore.open(store_path)
-    emb = model.embed_store(store)
-    write_embedding(Path(out_path), store.obs(["cell_id"])["cell_id"], emb)
-    return out_path
+    Runs from the driver: a foundation model's embedding is itself a Ray Data job (CPU tokenize tasks
+    and an actor pool), which must not sit inside a task holding the resources it needs.
+    """
+    path = embedding_path(cache, store, model.identity())
+    if not path.exists():
+        emb = model.embed_store(store)
+        write_embeddings(path, store.obs(["cell_id"])["cell_id"].astype(str).tolist(), emb)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- folds
@@ -156,7 +141,7 @@ def _fold_task(
     """Train and evaluate one fold; write predictions, breakdowns, then the result row."""
     store = CellStore.open(store_path)
     model = get_model(unit.model.name, unit.model.options)
-    embedding = read_embedding(Path(emb_path)) if emb_path else None
+    embedding = read_embeddings(Path(emb_path)) if emb_path else None
     out = run_frozen_fold(
         model, store, obs, fold, unit.head, unit.model.head_options, unit.seed, embedding
     )
@@ -289,34 +274,21 @@ def run_benchmark(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
     _init_ray(address)
-    embed_remote = ray.remote(num_cpus=spec.resources.cpus_per_unit, num_gpus=spec.resources.gpus_per_unit)(
-        _embed_task
-    )
     fold_remote = ray.remote(num_cpus=spec.resources.cpus_per_unit, num_gpus=spec.resources.gpus_per_unit)(
         _fold_task
     )
 
     # Each (data, embedding model) is embedded once; every frozen unit reuses it.
     emb_paths: dict[tuple[str, str], Path] = {}
-    pending_embeds = []
     for data_name, store in stores.items():
         for m in spec.models:
             model = models[model_key(m)]
-            if not isinstance(model, EmbeddingModel):
-                continue
-            path = embedding_path(cache, store, model.identity())
-            emb_paths[(data_name, model_key(m))] = path
-            if not path.exists() and any(u.data == data_name and u.model == m for u, _ in todo):
-                spec_dict = {"name": m.name, "options": m.options}
-                pending_embeds.append(embed_remote.remote(spec_dict, str(store.path), str(path)))
+            if isinstance(model, EmbeddingModel) and any(u.data == data_name and u.model == m for u, _ in todo):
+                log.info("embedding %s with %s", data_name, m.name)
+                emb_paths[(data_name, model_key(m))] = ensure_embedding(model, store, cache)
 
     obs_refs = {name: ray.put(obs) for name, obs in obs_by_data.items()}
     with _progress(len(todo), progress) as bar:
-        if pending_embeds:
-            task = bar.add_task("embed", total=len(pending_embeds))
-            for ref in pending_embeds:
-                ray.get(ref)
-                bar.advance(task)
         task = bar.add_task("folds", total=len(todo))
         refs = []
         for unit, fold in todo:

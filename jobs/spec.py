@@ -7,14 +7,13 @@ are taken relative to the current directory, as in any command-line tool.
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from scdrugmap_ray.engine.errors import UserError
-from scdrugmap_ray.engine.models.base import HEADS
+from scdrugmap_ray.engine.models.base import HEADS, cache_root
 
 STRATEGIES = ("frozen",)
 
@@ -143,10 +142,7 @@ class BenchmarkSpec(_Strict):
         return Path(override or self.output or f"runs/{self.name}")
 
     def cache_dir(self) -> Path:
-        if self.cache:
-            return Path(self.cache)
-        env = os.environ.get("SCDRUGMAP_RAY_CACHE")
-        return Path(env) if env else Path.home() / ".cache" / "scdrugmap-ray"
+        return Path(self.cache) if self.cache else cache_root()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -14,10 +14,13 @@ third-party models plug in through the ``scdrugmap_ray.models`` entry point grou
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -91,6 +94,121 @@ class FittedFeatureModel(Model):
         """float32 [n, d] features of any cells, using what ``fit`` learned."""
 
 
+#: written beside the official files by init_random, so every output can say "random weights"
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.json"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SCDRUGMAP_RAY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "scdrugmap-ray"
+
+
+def checkpoint_digest(path: Path) -> str:
+    """Content hash of a checkpoint directory (file names and bytes), for embedding cache keys."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class CellTokenizer(ABC):
+    """Turns cells of one store into what a model sees. Built once per (store genes, checkpoint),
+    picklable (it runs in Ray Data CPU tasks), pure and deterministic: a cell's tokens never depend on
+    which other cells share its batch (seed sampling per cell, e.g. from a hash of its cell_id)."""
+
+    #: fraction of the store's genes (with any expression) that the model's vocabulary knows
+    coverage: float
+
+    @abstractmethod
+    def __call__(
+        self, cell_ids: np.ndarray, gene_index: list[np.ndarray], values: list[np.ndarray]
+    ) -> dict[str, list[np.ndarray]]:
+        """Per cell, ragged arrays: always ``input_ids`` (int32), plus model-specific ones
+        (``values`` float32, ``bins`` int32, ...). ``gene_index``/``values`` are the store's non-zero
+        genes of each cell (positions into the store's genes table) and their values."""
+
+
+class FoundationModel(EmbeddingModel):
+    """A pretrained single-cell model: CPU tokenization, accelerator embedding (one copy per actor).
+
+    Options every foundation model accepts: ``checkpoint`` (a directory in the model's OFFICIAL format)
+    or ``preset`` (a random-weight checkpoint written by ``init_random`` into the cache: tests, demos).
+    """
+
+    #: preset name -> config for init_random; must include "tiny" (tests) and the real sizes
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: module names (suffixes) where LoRA acts; only modules really called in forward
+    lora_targets: ClassVar[list[str]] = []
+    requires_counts = True
+    default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None}
+
+    def checkpoint_dir(self) -> Path:
+        """The checkpoint directory: the ``checkpoint`` option, or the ``preset``'s random-weight
+        checkpoint, written into the cache on first use."""
+        ckpt, preset = self.options.get("checkpoint"), self.options.get("preset")
+        if bool(ckpt) == bool(preset):
+            raise UserError(f"model {self.name!r} needs exactly one of options 'checkpoint' (a directory) or 'preset'")
+        if ckpt:
+            path = Path(ckpt)
+            if not path.is_dir():
+                raise UserError(f"model {self.name!r}: checkpoint directory {path} not found")
+            return path
+        if preset not in self.presets:
+            raise UserError(f"model {self.name!r} has no preset {preset!r}; presets: {', '.join(self.presets)}")
+        path = cache_root() / "checkpoints" / f"{self.name}-{preset}-random"
+        if not path.exists():
+            from ..fsutil import atomic_dir
+
+            with atomic_dir(path) as tmp:
+                type(self).init_random(tmp, preset)
+        return path
+
+    @property
+    def random_weights(self) -> bool:
+        return (self.checkpoint_dir() / RANDOM_WEIGHTS_MARKER).exists()
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        ident["checkpoint_sha256"] = checkpoint_digest(self.checkpoint_dir())
+        return ident
+
+    @abstractmethod
+    def make_tokenizer(self, genes: pd.DataFrame) -> CellTokenizer:
+        """A tokenizer for cells of a store with this genes table (position, symbol, ensembl_id)."""
+
+    @property
+    @abstractmethod
+    def max_length(self) -> int:
+        """The most tokens a cell can have (from the checkpoint's config)."""
+
+    @abstractmethod
+    def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
+        """Pad a batch of tokenized cells into tensors: to its longest cell by default (not the model
+        maximum), or to ``pad_to`` (the naive reference loop of ``bench embed`` pads to max_length)."""
+
+    @abstractmethod
+    def load(self, device: str = "cpu", dtype: Any = None) -> Any:
+        """The torch module from the official checkpoint; strict: any missing/unexpected key is a
+        UserError naming the keys; shapes checked."""
+
+    @abstractmethod
+    def embed(self, module: Any, batch: dict[str, Any]) -> Any:
+        """float32 tensor [n, d]: the cell embedding exactly as the original defines it."""
+
+    @classmethod
+    @abstractmethod
+    def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
+        """Write a random-weight checkpoint in the official on-disk format; return the directory."""
+
+    def embed_store(self, store: CellStore) -> np.ndarray:
+        from ..pipeline.embed import embed_store
+
+        return embed_store(self, store)
+
+
 _REGISTRY: dict[str, type[Model]] = {}
 _PARAMETRIC: dict[str, Callable[[str, dict[str, Any]], Model]] = {}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -109,22 +227,57 @@ def register_prefix(prefix: str, factory: Callable[[str, dict[str, Any]], Model]
     _PARAMETRIC[prefix] = factory
 
 
-def _load_builtin_and_plugins() -> None:
-    # Importing the model modules registers them; entry points add third-party models.
-    from . import baselines  # noqa: F401
+# Built-in models, by the module that defines them: imported only when asked for, so a task that runs
+# a baseline never pays for importing transformers.
+_BUILTIN: dict[str, str] = {
+    "pca-logreg": "baselines",
+    "hvg-mlp": "baselines",
+    "obsm": "baselines",
+    "geneformer": "geneformer",
+    "tgpt": "tgpt",
+    "scgpt": "scgpt",
+    "scfoundation": "scfoundation",
+}
 
+
+def _ensure_registered(name: str) -> None:
+    import importlib
+
+    key = name.partition(":")[0] if ":" in name else name
+    if key in _REGISTRY or key in _PARAMETRIC:
+        return
+    if key in _BUILTIN:
+        importlib.import_module(f"{__package__}.{_BUILTIN[key]}")
+        return
     for ep in entry_points(group="scdrugmap_ray.models"):
-        ep.load()
+        if ep.name == key:
+            ep.load()
+
+
+def _installed_builtin(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"{__package__}.{module}") is not None
 
 
 def available_models() -> list[str]:
-    _load_builtin_and_plugins()
-    return sorted(_REGISTRY) + [f"{p}:<key>" for p in sorted(_PARAMETRIC)]
+    plain = {n for n, mod in _BUILTIN.items() if n != "obsm" and _installed_builtin(mod)}
+    plain |= {n for n in _REGISTRY}
+    plain |= {ep.name for ep in entry_points(group="scdrugmap_ray.models")}
+    return [*sorted(plain), "obsm:<key>"]
+
+
+def model_class(name: str) -> type[Model]:
+    """The registered class of a plain model name; unknown names are a UserError."""
+    _ensure_registered(name)
+    if name not in _REGISTRY:
+        get_model(name)  # raises the UserError with suggestions
+    return _REGISTRY[name]
 
 
 def get_model(name: str, options: dict[str, Any] | None = None) -> Model:
     """Build a model from its registry name and YAML options; unknown names are a UserError."""
-    _load_builtin_and_plugins()
+    _ensure_registered(name)
     options = dict(options or {})
     prefix, sep, arg = name.partition(":")
     if sep:
@@ -134,7 +287,7 @@ def get_model(name: str, options: dict[str, Any] | None = None) -> Model:
     if name not in _REGISTRY:
         import difflib
 
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = difflib.get_close_matches(name, available_models(), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise UserError(
             f"unknown model {name!r}{did_you_mean}; available: {', '.join(available_models())}"

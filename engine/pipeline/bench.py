@@ -1,0 +1,144 @@
+"""``bench embed``: the engine against the naive loop of the original scripts, in the same run.
+
+The naive reference is what scDrugMap's scripts do: one process, a fixed number of cells per batch,
+every cell padded to the model's maximum length, fp32. Both sides embed the same cells with the same
+weights, so the embeddings must agree (max abs diff is reported) and only the speed may differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import psutil
+
+if TYPE_CHECKING:
+    from ..data.store import CellStore
+    from ..models.base import FoundationModel
+
+log = logging.getLogger(__name__)
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its descendants (Ray's workers included)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class BenchSide:
+    cells: int
+    seconds: float
+    tokens: int
+    padded_tokens: int
+    peak_rss_mb: float
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def line(self, name: str) -> str:
+        return (
+            f"{name}: cells={self.cells} seconds={self.seconds:.2f} cells_per_s={self.cells_per_s:.1f} "
+            f"tokens_per_s={self.tokens_per_s:.0f} padding_fraction={self.padding_fraction:.3f} "
+            f"peak_rss_mb={self.peak_rss_mb:.0f}"
+        )
+
+
+def first_cells(store: CellStore, n: int) -> dict[str, list]:
+    ids: list = []
+    genes: list = []
+    values: list = []
+    for batch in store.iter_batches(batch_size=min(n, 8192), columns=["cell_id", "gene_index", "value"]):
+        take = min(n - len(ids), batch.num_rows)
+        ids.extend(batch.column("cell_id").to_pylist()[:take])
+        gi, vals = batch.column("gene_index"), batch.column("value")
+        genes.extend(gi[i].values.to_numpy() for i in range(take))
+        values.extend(vals[i].values.to_numpy() for i in range(take))
+        if len(ids) >= n:
+            break
+    return {"cell_id": np.asarray(ids, dtype=object), "gene_index": genes, "value": values}
+
+
+def naive_embed(model: FoundationModel, store: CellStore, n: int, batch_cells: int) -> tuple[np.ndarray, BenchSide]:
+    """Single process, fixed batches in store order, every cell padded to the model maximum, fp32."""
+    import torch
+
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        cells = first_cells(store, n)
+        tokenizer = model.make_tokenizer(store.genes)
+        module = model.load(device="cpu", dtype=torch.float32)
+        rows = tokenizer(cells["cell_id"], cells["gene_index"], cells["value"])
+        lengths = np.array([len(x) for x in rows["input_ids"]])
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(lengths), batch_cells):
+                part = {k: v[start : start + batch_cells] for k, v in rows.items()}
+                out.append(model.embed(module, model.collate(part, pad_to=model.max_length)).float().numpy())
+        seconds = time.perf_counter() - t0
+    emb = np.concatenate(out)
+    side = BenchSide(len(lengths), seconds, int(lengths.sum()), len(lengths) * model.max_length, rss.peak / 2**20)
+    return emb, side
+
+
+def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch_tokens: int,
+                naive_batch_cells: int = 8, num_actors: int | None = None) -> dict[str, object]:
+    from .embed import embed_store
+
+    n = min(n_cells, store.n_cells)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        emb, stats = embed_store(model, store, batch_tokens=batch_tokens, num_actors=num_actors, limit=n,
+                                 return_stats=True)
+        seconds = time.perf_counter() - t0
+    engine = BenchSide(n, seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20)
+    ref, naive = naive_embed(model, store, n, naive_batch_cells)
+    diff = float(np.abs(emb - ref).max())
+    return {
+        "model": model.name,
+        "random_weights": model.random_weights,
+        "engine": asdict(engine) | {"line": engine.line("engine")},
+        "naive": asdict(naive) | {"line": naive.line("naive")},
+        "speedup_vs_naive": engine.cells_per_s / naive.cells_per_s,
+        "max_abs_diff": diff,
+    }
