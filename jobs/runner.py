@@ -156,6 +156,7 @@ def _fold_task(
         "unit_id": unit.unit_id,
         "data": unit.data,
         "model": unit.model.name,
+        "model_key": model_key(unit.model),
         "head": unit.head,
         "strategy": unit.strategy,
         "scheme": unit.scheme,

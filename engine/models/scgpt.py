@@ -1,0 +1,797 @@
+"""scGPT (whole-human ``TransformerModel``) cell embeddings.
+
+What the original does (bowang-lab/scGPT 0.2.x: ``scgpt/tasks/cell_emb.py`` ``embed_data`` ->
+``get_batch_cell_embeddings``, ``scgpt/data_collator.py`` ``DataCollator``, ``scgpt/preprocess.py``
+``binning`` / ``_digitize``, ``scgpt/model/model.py`` ``TransformerModel._encode``):
+
+* Checkpoint directory: ``best_model.pt`` (``torch.save`` of a plain state dict), ``args.json``
+  (hyperparameters: ``embsize``, ``nheads``, ``d_hid``, ``nlayers``, ``n_layers_cls``, ``pad_token``,
+  ``pad_value``, ``n_bins``, ``max_seq_len``, ...) and ``vocab.json`` (gene symbol -> id);
+  ``<pad>``, ``<cls>``, ``<eoc>`` are appended to the vocabulary when missing.
+* Genes: the data's gene symbols (``gene_col``) that are in the vocabulary; the other columns are
+  dropped. Columns with the same symbol are all kept (they get the same token id).
+* Values: ``adata.X`` as given (the tutorials pass raw counts, or ``normalize_total(1e4)`` + ``log1p``).
+  Per cell: the non-zero genes in the data's column order, ``<cls>`` first with value ``pad_value``
+  (-2); then the collator's ``binning`` of the non-zero values into ``n_bins`` (51): 50 edges =
+  ``np.quantile(values, linspace(0, 1, 50))``; a value's bin is ``np.digitize`` of it, and a value equal
+  to one or more edges (ties: very common with counts) gets a bin drawn uniformly at random between
+  ``digitize(right=True) + 1`` and ``digitize(right=False)`` (``_digitize(side="both")`` with
+  ``np.random.rand``). Bins are 1..50 for non-zero values. Because the bins only depend on the order of a
+  cell's values, raw counts and normalised + log1p values give the same tokens.
+* Length: cells with more than ``max_length`` tokens (1,200 incl. ``<cls>``) keep ``<cls>`` and a random
+  sample of ``max_length - 1`` genes (``torch.randperm``, after binning); shorter cells are padded to
+  the longest cell of the batch with ``<pad>`` and value ``pad_value``.
+* Model: ``GeneEncoder`` (embedding + LayerNorm) + ``ContinuousValueEncoder`` (clamp at 512, Linear(1,
+  d) -> ReLU -> Linear(d, d) -> LayerNorm), summed, then ``nlayers`` encoder layers (flash-attn
+  ``FlashMHA`` or ``nn.TransformerEncoderLayer``: post-norm, ReLU, feed-forward ``d_hid``; no final norm)
+  with ``src_key_padding_mask = ids == <pad>``.
+* Cell embedding: the encoder output at position 0 (``<cls>``), 512-d for the whole-human model; then
+  every embedding is divided by its L2 norm (end of ``get_batch_cell_embeddings``).
+
+Where this file follows it: all of the above, with the official key names (``self_attn.Wqkv.*``, flash-
+attn's names in the released ``best_model.pt``; the ``self_attn.in_proj_*`` names scGPT's own loader
+renames them to are accepted too).
+
+Where it differs, and why:
+
+* Randomness (binning ties, sampling of long cells) comes from a generator seeded per cell from a hash
+  of its cell id (``sha256(f"{seed}:{cell_id}")``, option ``seed``), not from the global NumPy / torch
+  generators: a cell's tokens and embedding never depend on which other cells share its batch, and
+  reruns are identical. The random choices have the same distributions as the original's.
+* Sampled genes keep the data's column order (the original keeps ``randperm`` order); the model has no
+  positional encoding, so order changes only floating-point summation order.
+* The number of bins comes from ``args.json`` ``n_bins`` (the original collator hard-codes 51, which is
+  what the released checkpoints use).
+* Option ``normalize="log1p"`` applies ``normalize_total(1e4)`` + ``log1p`` before binning, as some
+  tutorials do beforehand; as said above this gives the same bins as the default (values as given).
+  Highly-variable-gene subsetting (done by some fine-tuning tutorials, not by ``embed_data``) is a
+  data-set-level choice and is not done here: a cell's tokens depend on that cell only.
+* Attention runs through ``F.scaled_dot_product_attention`` in this file's own ``SelfAttention``
+  module (no flash-attn, no ``nn.MultiheadAttention``): its ``Wqkv`` and ``out_proj`` are ``nn.Linear``
+  modules really called in forward, so LoRA can act on them (``lora_targets``; the suffixes ``linear1`` /
+  ``linear2`` also match the value encoder's two Linear layers, which forward calls too).
+* Input check: raw counts and non-count stores are both accepted (``requires_counts`` is False: the
+  bins are the same for counts and normalised / log1p values), but a store whose first cells hold
+  negative values (scaled or z-scored data) is refused; the original would bin those silently.
+* A cell with no gene in the vocabulary is ``<cls>`` alone (the original's ``binning`` fails on it).
+  ``l2_normalize`` maps an all-zero embedding to zeros instead of NaN.
+* Only the encoder is built (all a cell embedding uses). The heads of the official file
+  (``decoder.*`` expression decoder, ``cls_decoder.*``, ``mvc_decoder.*``: see ``official_head_shapes``)
+  must be present with the right shapes and are then dropped; any other key is an error. The classifier's
+  output size is read from the checkpoint (``embed_data`` builds ``n_cls=1`` and its non-strict loader
+  skips a head of another size).
+* ``input_emb_style`` other than ``continuous`` is refused: ``embed_data`` always builds the continuous
+  value encoder (the released checkpoints use it).
+* ``args.json`` ``pre_norm`` (absent in the released args: post-norm) selects scGPT's "pre" scheme when
+  true; ``embed_data`` always builds post-norm, which would be wrong for such a checkpoint.
+* Precision: the original runs under CUDA autocast (fp16); here the caller picks the dtype (fp32 on CPU,
+  bf16 on GPU in the pipeline); the embedding is returned in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import json
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "best_model.pt"
+ARGS_FILE = "args.json"
+VOCAB_FILE = "vocab.json"
+#: appended to the vocabulary in this order when missing (as embed_data does)
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+CLS_TOKEN = "<cls>"
+RESOURCES = Path(__file__).parent / "resources" / "scgpt"
+CENSUS_VOCAB_FILE = RESOURCES / "default_census_vocab.json.gz"
+HUMAN_ARGS_FILE = RESOURCES / "scGPT_human_args.json"
+MIN_COVERAGE = 0.2
+#: ContinuousValueEncoder clamps values at this maximum
+MAX_VALUE = 512
+NORMALIZE_TARGET = 1e4
+
+_IN_PROJ = re.compile(r"^(transformer_encoder\.layers\.\d+\.self_attn\.)in_proj_(weight|bias)$")
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ScGPTConfig:
+    """What the embedding path needs from ``args.json`` (names as scGPT's TransformerModel)."""
+
+    d_model: int
+    nhead: int
+    d_hid: int
+    nlayers: int
+    nlayers_cls: int
+    n_bins: int
+    pad_token: str
+    pad_value: float
+    max_seq_len: int
+    dropout: float
+    pre_norm: bool
+    do_mvc: bool
+    explicit_zero_prob: bool
+
+
+def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    if key not in args:
+        if default is None:
+            raise UserError(
+                f"scGPT {ARGS_FILE} has no {key!r}; is this the args.json of an official scGPT checkpoint "
+                "(embsize, nheads, d_hid, nlayers, n_layers_cls, pad_token, pad_value, ...)?"
+            )
+        return default
+    val = args[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(val, kinds) or (isinstance(val, bool) and bool not in kinds):
+        raise UserError(f"scGPT {ARGS_FILE}: {key!r} = {val!r} has the wrong type")
+    return val
+
+
+def config_from_args(args: dict[str, Any]) -> ScGPTConfig:
+    """The model config of an ``args.json`` dict, checked; a UserError says what is wrong."""
+    if not isinstance(args, dict):
+        raise UserError(f"scGPT {ARGS_FILE} must hold a JSON object of hyperparameters")
+    style = _arg(args, "input_emb_style", str, "continuous")
+    if style != "continuous":
+        raise UserError(
+            f"scGPT checkpoints with input_emb_style={style!r} are not supported: scGPT's embed_data (and this "
+            "package) builds the continuous value encoder that the released checkpoints use"
+        )
+    cfg = ScGPTConfig(
+        d_model=_arg(args, "embsize", int),
+        nhead=_arg(args, "nheads", int),
+        d_hid=_arg(args, "d_hid", int),
+        nlayers=_arg(args, "nlayers", int),
+        nlayers_cls=_arg(args, "n_layers_cls", int, 3),
+        n_bins=_arg(args, "n_bins", int, 51),
+        pad_token=_arg(args, "pad_token", str, "<pad>"),
+        pad_value=float(_arg(args, "pad_value", (int, float))),
+        max_seq_len=_arg(args, "max_seq_len", int, 1200),
+        dropout=float(_arg(args, "dropout", (int, float), 0.2)),
+        pre_norm=_arg(args, "pre_norm", bool, False),
+        do_mvc=_arg(args, "MVC", bool, True),
+        explicit_zero_prob=_arg(args, "explicit_zero_prob", bool, False),
+    )
+    for key in ("d_model", "nhead", "d_hid", "nlayers", "nlayers_cls"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"scGPT {ARGS_FILE}: {key} must be positive")
+    if cfg.d_model % cfg.nhead:
+        raise UserError(f"scGPT {ARGS_FILE}: embsize {cfg.d_model} is not divisible by nheads {cfg.nhead}")
+    if cfg.n_bins < 3:
+        raise UserError(f"scGPT {ARGS_FILE}: n_bins must be at least 3, got {cfg.n_bins}")
+    if cfg.max_seq_len < 2:
+        raise UserError(f"scGPT {ARGS_FILE}: max_seq_len must be at least 2 (<cls> and one gene)")
+    if cfg.pad_token not in SPECIAL_TOKENS:
+        raise UserError(f"scGPT {ARGS_FILE}: pad_token {cfg.pad_token!r} is not one of {', '.join(SPECIAL_TOKENS)}")
+    return cfg
+
+
+def load_census_vocab() -> dict[str, int]:
+    """The whole-human gene vocabulary (60,694 symbols, without special tokens), vendored."""
+    with gzip.open(CENSUS_VOCAB_FILE, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def human_args() -> dict[str, Any]:
+    """The scGPT_human checkpoint's args.json (vendored)."""
+    return json.loads(HUMAN_ARGS_FILE.read_text())
+
+
+def complete_vocab(vocab: dict[str, int]) -> dict[str, int]:
+    """Check a token -> id mapping (ids must be 0..n-1, as scGPT's GeneVocab requires) and append the
+    missing special tokens in embed_data's order."""
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        raise UserError(
+            f"scGPT {VOCAB_FILE} ids must be the consecutive integers 0..{len(ids) - 1} (scGPT's GeneVocab requires it)"
+        )
+    out = dict(vocab)
+    for tok in SPECIAL_TOKENS:
+        if tok not in out:
+            out[tok] = len(out)
+    return out
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read scGPT vocabulary {path}: {str(err).splitlines()[0][:120]}") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in raw.items()
+    ):
+        raise UserError(f"scGPT vocabulary {path} must be a JSON object of gene symbol -> integer id")
+    return complete_vocab(raw)
+
+
+def read_args(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read scGPT {ARGS_FILE} {path}: {str(err).splitlines()[0][:120]}") from None
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def official_encoder_shapes(cfg: ScGPTConfig, ntoken: int) -> dict[str, tuple[int, ...]]:
+    """Official keys (flash-attn ``Wqkv`` names) and shapes of what a cell embedding uses."""
+    d, h = cfg.d_model, cfg.d_hid
+    out: dict[str, tuple[int, ...]] = {
+        "encoder.embedding.weight": (ntoken, d),
+        "encoder.enc_norm.weight": (d,),
+        "encoder.enc_norm.bias": (d,),
+        "value_encoder.linear1.weight": (d, 1),
+        "value_encoder.linear1.bias": (d,),
+        "value_encoder.linear2.weight": (d, d),
+        "value_encoder.linear2.bias": (d,),
+        "value_encoder.norm.weight": (d,),
+        "value_encoder.norm.bias": (d,),
+    }
+    for i in range(cfg.nlayers):
+        p = f"transformer_encoder.layers.{i}."
+        out[p + "self_attn.Wqkv.weight"] = (3 * d, d)
+        out[p + "self_attn.Wqkv.bias"] = (3 * d,)
+        out[p + "self_attn.out_proj.weight"] = (d, d)
+        out[p + "self_attn.out_proj.bias"] = (d,)
+        out[p + "linear1.weight"] = (h, d)
+        out[p + "linear1.bias"] = (h,)
+        out[p + "linear2.weight"] = (d, h)
+        out[p + "linear2.bias"] = (d,)
+        for norm in ("norm1", "norm2"):
+            out[p + f"{norm}.weight"] = (d,)
+            out[p + f"{norm}.bias"] = (d,)
+    return out
+
+
+def official_head_shapes(cfg: ScGPTConfig, n_cls: int = 1) -> dict[str, tuple[int, ...]]:
+    """The heads TransformerModel builds beside the encoder (as embed_data builds it: no batch labels,
+    inner-product MVC decoder): required in a checkpoint, shape-checked, then dropped, since a cell
+    embedding never runs them. ``decoder`` (ExprDecoder), ``cls_decoder`` (ClsDecoder with
+    ``n_layers_cls - 1`` Linear/ReLU/LayerNorm blocks) and, when args ``MVC`` is true, ``mvc_decoder``;
+    with args ``explicit_zero_prob`` also their zero-probability layers."""
+    d = cfg.d_model
+    out: dict[str, tuple[int, ...]] = {}
+    mlp = {"0": (d, d), "2": (d, d), "4": (1, d)}
+    for name in ("fc", "zero_logit") if cfg.explicit_zero_prob else ("fc",):
+        for idx, shape in mlp.items():
+            out[f"decoder.{name}.{idx}.weight"] = shape
+            out[f"decoder.{name}.{idx}.bias"] = (shape[0],)
+    for i in range(cfg.nlayers_cls - 1):
+        out[f"cls_decoder._decoder.{3 * i}.weight"] = (d, d)
+        out[f"cls_decoder._decoder.{3 * i}.bias"] = (d,)
+        out[f"cls_decoder._decoder.{3 * i + 2}.weight"] = (d,)
+        out[f"cls_decoder._decoder.{3 * i + 2}.bias"] = (d,)
+    out["cls_decoder.out_layer.weight"] = (n_cls, d)
+    out["cls_decoder.out_layer.bias"] = (n_cls,)
+    if cfg.do_mvc:
+        out["mvc_decoder.gene2query.weight"] = (d, d)
+        out["mvc_decoder.gene2query.bias"] = (d,)
+        out["mvc_decoder.W.weight"] = (d, d)
+        if cfg.explicit_zero_prob:
+            out["mvc_decoder.W_zero_logit.weight"] = (d, d)
+            out["mvc_decoder.W_zero_logit.bias"] = (d,)
+    return out
+
+
+def official_shapes(cfg: ScGPTConfig, ntoken: int, n_cls: int = 1) -> dict[str, tuple[int, ...]]:
+    """Every key of an official ``best_model.pt`` with its shape, in TransformerModel's order."""
+    return {**official_encoder_shapes(cfg, ntoken), **official_head_shapes(cfg, n_cls)}
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+class GeneEncoder(nn.Module):
+    """Gene token embedding + LayerNorm (official names ``embedding``, ``enc_norm``)."""
+
+    def __init__(self, ntoken: int, d_model: int, padding_idx: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(ntoken, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """Value -> clamp(max 512) -> Linear(1, d) -> ReLU -> Linear(d, d) -> LayerNorm -> dropout."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.to(self.linear1.weight.dtype).unsqueeze(-1).clamp(max=MAX_VALUE)
+        return self.dropout(self.norm(self.linear2(F.relu(self.linear1(x)))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with flash-attn FlashMHA's parameters (``Wqkv``: q, k, v stacked, heads
+    contiguous inside each, as ``nn.MultiheadAttention.in_proj``; ``out_proj``), computed by SDPA
+    (scale 1/sqrt(head_dim), padded keys masked). Both projections are called in forward (LoRA targets)."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
+        super().__init__()
+        self.nhead = nhead
+        self.dropout = dropout
+        self.Wqkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.Wqkv(x).view(b, n, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class EncoderLayer(nn.Module):
+    """scGPT's FlashTransformerEncoderLayer: ReLU feed-forward ``d_hid``, LayerNorm eps 1e-5; ``post``
+    norm scheme (nn.TransformerEncoderLayer's) or scGPT's ``pre`` scheme (norm the stream, then add)."""
+
+    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.self_attn = SelfAttention(d_model, nhead, dropout)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = self.norm1(x)
+            x = x + self.dropout1(self.self_attn(x, attn_mask))
+            x = self.norm2(x)
+            return x + self._ff(x)
+        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
+        return self.norm2(x + self._ff(x))
+
+
+class TransformerEncoder(nn.Module):
+    """``layers.<i>`` as torch's nn.TransformerEncoder (no final norm, as scGPT builds it)."""
+
+    def __init__(self, cfg: ScGPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.d_model, cfg.nhead, cfg.d_hid, cfg.dropout, cfg.pre_norm) for _ in range(cfg.nlayers)
+        )
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # keys only: padded keys are never attended to; no mask at all when nothing is padded, so the
+        # fastest SDPA kernel can run
+        attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+class ScGPTEncoder(nn.Module):
+    """TransformerModel._encode: gene + value embeddings -> transformer; hidden states out."""
+
+    def __init__(self, cfg: ScGPTConfig, ntoken: int, pad_id: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.d_model = cfg.d_model
+        self.encoder = GeneEncoder(ntoken, cfg.d_model, pad_id)
+        self.value_encoder = ContinuousValueEncoder(cfg.d_model, cfg.dropout)
+        self.transformer_encoder = TransformerEncoder(cfg)
+
+    def forward(self, input_ids: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(input_ids) + self.value_encoder(values)
+        return self.transformer_encoder(x, attention_mask)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def cell_rng(cell_id: str, seed: int = 0) -> np.random.Generator:
+    """The generator of one cell's random choices: seeded from sha256(f"{seed}:{cell_id}")."""
+    digest = hashlib.sha256(f"{seed}:{cell_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def bin_values(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """scGPT's per-cell ``binning`` (int64 bins): non-zero values into 1..n_bins-1 by the quantile edges
+    of the cell's non-zero values, ties with edges spread uniformly at random (``_digitize`` "both");
+    zeros stay 0. Draws exactly one uniform number per non-zero value from ``rng``."""
+    x = np.asarray(values, dtype=np.float32)
+    out = np.zeros(len(x), dtype=np.int64)
+    if len(x) == 0 or x.max() == 0:  # the original returns zeros for a row of zeros (no draws)
+        return out
+    nz = np.flatnonzero(x)
+    v = x[nz]
+    edges = np.quantile(v, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(v, edges)
+    right = np.digitize(v, edges, right=True)
+    draws = rng.random(len(v))
+    out[nz] = np.ceil(draws * (right - left) + left).astype(np.int64)
+    return out
+
+
+class ScGPTTokenizer(CellTokenizer):
+    """Store cells -> scGPT input: ``input_ids`` (int32: ``<cls>`` then the vocabulary ids of the cell's
+    non-zero genes in store order) and ``values`` (float32: ``pad_value`` for ``<cls>``, then the genes'
+    bins). At most ``max_length`` tokens: longer cells keep a random (per-cell seeded) sample of genes."""
+
+    def __init__(
+        self,
+        genes: pd.DataFrame,
+        vocab: dict[str, int],
+        *,
+        n_bins: int,
+        max_length: int,
+        pad_value: float,
+        seed: int = 0,
+        normalize: str = "none",
+    ) -> None:
+        ordered = genes.sort_values("position")
+        positions = ordered["position"].to_numpy(dtype=np.int64)
+        symbols = ordered["symbol"].tolist()
+        n_positions = int(positions.max()) + 1 if len(positions) else 0
+        self.lookup = np.full(n_positions, -1, dtype=np.int32)
+        specials = set(SPECIAL_TOKENS)
+        for pos, sym in zip(positions, symbols, strict=True):
+            # every store column whose symbol is in the vocabulary, duplicates included (as embed_data)
+            if isinstance(sym, str) and sym in vocab and sym not in specials:
+                self.lookup[pos] = vocab[sym]
+        matched = self.lookup[self.lookup >= 0]
+        self.n_store_genes = len(genes)
+        self.n_matched = len(matched)
+        self.coverage = self.n_matched / self.n_store_genes if self.n_store_genes else 0.0
+        n_vocab_genes = sum(1 for t in vocab if t not in specials)
+        #: fraction of the vocabulary's genes that the store has
+        self.vocab_coverage = len(np.unique(matched)) / max(n_vocab_genes, 1)
+        self.cls_id = vocab[CLS_TOKEN]
+        self.n_bins = n_bins
+        self.max_length = max_length
+        self.pad_value = float(pad_value)
+        self.seed = seed
+        self.normalize = normalize
+        if self.coverage < MIN_COVERAGE:
+            examples = ", ".join(str(s) for s in symbols[:3])
+            raise UserError(
+                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes are in scGPT's vocabulary of "
+                f"{n_vocab_genes} human gene symbols (store genes look like: {examples}); scGPT needs human gene "
+                "symbols (mouse genes or Ensembl IDs without symbols do not match): convert the data with human "
+                "symbols"
+            )
+
+    def cell(self, cell_id: str, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int32, values float32) of one cell."""
+        vals = np.asarray(values, dtype=np.float32)
+        if self.normalize == "log1p":
+            total = float(vals.astype(np.float64).sum())  # over all genes, before the vocabulary filter
+            scaled = vals.astype(np.float64) / total * NORMALIZE_TARGET if total > 0 else vals
+            vals = np.log1p(scaled).astype(np.float32)
+        vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
+        keep = (vid >= 0) & (vals != 0)  # embed_data takes np.nonzero of each row of the vocabulary genes
+        vid, vals = vid[keep], vals[keep]
+        rng = cell_rng(str(cell_id), self.seed)
+        bins = bin_values(vals, self.n_bins, rng)  # binning sees every gene, sampling comes after
+        n_keep = self.max_length - 1
+        if len(vid) > n_keep:
+            chosen = np.sort(rng.permutation(len(vid))[:n_keep])
+            vid, bins = vid[chosen], bins[chosen]
+        ids = np.concatenate([[self.cls_id], vid]).astype(np.int32)
+        out_vals = np.concatenate([[self.pad_value], bins]).astype(np.float32)
+        return ids, out_vals
+
+    def __call__(
+        self, cell_ids: np.ndarray, gene_index: list[np.ndarray], values: list[np.ndarray]
+    ) -> dict[str, list[np.ndarray]]:
+        out: dict[str, list[np.ndarray]] = {"input_ids": [], "values": []}
+        for cid, gi, v in zip(cell_ids, gene_index, values, strict=True):
+            ids, vals = self.cell(cid, gi, v)
+            out["input_ids"].append(ids)
+            out["values"].append(vals)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    missing = [f for f in (CHECKPOINT_FILE, ARGS_FILE, VOCAB_FILE) if not (path / f).is_file()]
+    if missing:
+        found = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "nothing"
+        raise UserError(
+            f"{path} is not an scGPT checkpoint directory: it needs {CHECKPOINT_FILE}, {ARGS_FILE} and {VOCAB_FILE} "
+            f"(as the official scGPT_human download); missing {', '.join(missing)}; found: {found or 'nothing'}"
+        )
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True), memory-mapped for zip files; any failure is a UserError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = found.group(1) if found else "non-tensor Python objects"
+            raise UserError(
+                f"{path} holds Python objects ({what}) that cannot be loaded safely (torch.load weights_only); "
+                "save the model's state dict only (torch.save(model.state_dict(), 'best_model.pt'))"
+            ) from None
+        raise UserError(f"truncated or corrupt checkpoint file {path} ({err.__class__.__name__})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"truncated or corrupt checkpoint file {path} ({str(err).splitlines()[0][:120]})") from None
+
+
+def canonical_keys(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Official flash-attn names: ``self_attn.in_proj_weight|bias`` (scGPT's renamed form) ->
+    ``self_attn.Wqkv.weight|bias``; both forms of one tensor in the same file is an error."""
+    out: dict[str, Any] = {}
+    for key, val in state.items():
+        canon = _IN_PROJ.sub(r"\1Wqkv.\2", key)
+        if canon in out:
+            raise UserError(f"{path} holds both {canon} and {key} (the same weight under two names); keep one")
+        out[canon] = val
+    return out
+
+
+def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[str, torch.Tensor]]:
+    """(config, vocabulary, encoder state dict in this module's names) of an scGPT checkpoint
+    directory; strict: every official key must be there with its shape, nothing else may be."""
+    check_checkpoint_dir(ckpt_dir)
+    cfg = config_from_args(read_args(ckpt_dir / ARGS_FILE))
+    vocab = read_vocab(ckpt_dir / VOCAB_FILE)
+    path = ckpt_dir / CHECKPOINT_FILE
+    raw = _torch_load(path)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise UserError(
+            f"{path} is not an official scGPT best_model.pt: expected a plain state dict (parameter name -> "
+            f"tensor); found {type(raw).__name__}"
+        )
+    if raw and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise UserError(
+            f"{path} is not an official scGPT best_model.pt: expected a plain state dict (parameter name -> "
+            f"tensor); found a dict with keys {_short(list(raw))}"
+        )
+    state = canonical_keys(raw, path)
+    out_w = state.get("cls_decoder.out_layer.weight")
+    n_cls = int(out_w.shape[0]) if isinstance(out_w, torch.Tensor) and out_w.dim() == 2 else 1
+    expected = official_shapes(cfg, len(vocab), n_cls)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        raise UserError(
+            f"{path} does not match the scGPT architecture of its {ARGS_FILE} "
+            f"({cfg.nlayers} layers, d {cfg.d_model}); " + "; ".join(parts)
+        )
+    for key, shape in expected.items():
+        val = state[key]
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape:
+            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            why = ""
+            if key == "encoder.embedding.weight":
+                why = f" ({VOCAB_FILE} has {len(vocab)} tokens incl. special tokens)"
+            raise UserError(f"{path}: key {key} has shape {got}, {ARGS_FILE}/{VOCAB_FILE} need {shape}{why}")
+    return cfg, vocab, {k: state[k] for k in official_encoder_shapes(cfg, len(vocab))}
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+_TINY_OVERRIDES: dict[str, Any] = {"nlayers": 2, "nheads": 4, "embsize": 64, "d_hid": 64, "n_bins": 51}
+_NORMALIZE = ("none", "log1p")
+
+
+@register
+class ScGPTModel(FoundationModel):
+    """scGPT cell embeddings (``best_model.pt`` + ``args.json`` + ``vocab.json``); options:
+    ``l2_normalize`` (default true, as get_batch_cell_embeddings), ``normalize`` (none | log1p: values as
+    given, or normalize_total 1e4 + log1p before binning; same bins either way), ``max_length`` (default
+    args max_seq_len, 1,200 incl. <cls>), ``seed`` (mixed into each cell's random generator)."""
+
+    name = "scgpt"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {**human_args(), **_TINY_OVERRIDES},
+        "human": human_args(),
+    }
+    lora_targets: ClassVar[list[str]] = ["self_attn.Wqkv", "self_attn.out_proj", "linear1", "linear2"]
+    #: binning is by rank within a cell, so counts and normalised + log1p data give the same tokens
+    requires_counts = False
+    default_options: ClassVar[dict[str, Any]] = {
+        "checkpoint": None,
+        "preset": None,
+        "l2_normalize": True,
+        "normalize": "none",
+        "max_length": None,
+        "seed": 0,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        opts = self.options
+        if not isinstance(opts["l2_normalize"], bool):
+            raise UserError(f"scgpt option l2_normalize={opts['l2_normalize']!r}: use true or false")
+        if opts["normalize"] not in _NORMALIZE:
+            raise UserError(
+                f"scgpt option normalize={opts['normalize']!r}: use none (values as given) or log1p "
+                "(normalize_total 1e4 + log1p before binning)"
+            )
+        ml = opts["max_length"]
+        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
+            raise UserError(f"scgpt option max_length={ml!r}: use an integer >= 2 (tokens incl. <cls>) or null")
+        if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int):
+            raise UserError(f"scgpt option seed={opts['seed']!r}: use an integer")
+        self._meta: tuple[ScGPTConfig, dict[str, int]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_meta"] = None  # re-read on the other side instead of shipping a 60k-entry vocabulary
+        return state
+
+    def checkpoint_meta(self) -> tuple[ScGPTConfig, dict[str, int]]:
+        """(config, vocabulary) of the checkpoint directory, read once."""
+        if self._meta is None:
+            path = self.checkpoint_dir()
+            check_checkpoint_dir(path)
+            self._meta = (config_from_args(read_args(path / ARGS_FILE)), read_vocab(path / VOCAB_FILE))
+        return self._meta
+
+    def check_store(self, store: Any) -> None:
+        """Counts and normalised data embed alike; negative values (scaled / z-scored data) have no
+        'expressed' meaning for scGPT's binning of non-zero values and are refused."""
+        if store.is_counts:
+            return
+        seen = 0
+        for batch in store.iter_batches(batch_size=2048, columns=["value"]):
+            flat = batch.column("value").flatten().to_numpy(zero_copy_only=False)
+            if len(flat) and float(np.min(flat)) < 0:
+                raise UserError(
+                    f"{store.path} holds negative values (scaled or z-scored data); scGPT bins each cell's "
+                    "expressed (non-zero) values by rank and needs raw counts or normalised/log1p values: convert "
+                    "the counts layer (scdrugmap-ray convert ... --layer counts)"
+                )
+            seen += batch.num_rows
+            if seen >= 2048:  # scaled data has negatives in every cell: a first block tells
+                break
+        log.info("scgpt: %s holds non-count values; binning is per-cell by rank, so they are used as given", store.path)
+
+    @property
+    def max_length(self) -> int:
+        ml = self.options["max_length"]
+        return int(ml) if ml is not None else self.checkpoint_meta()[0].max_seq_len
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.checkpoint_meta()[0].d_model
+
+    def make_tokenizer(self, genes: pd.DataFrame) -> ScGPTTokenizer:
+        cfg, vocab = self.checkpoint_meta()
+        tok = ScGPTTokenizer(
+            genes,
+            vocab,
+            n_bins=cfg.n_bins,
+            max_length=self.max_length,
+            pad_value=cfg.pad_value,
+            seed=self.options["seed"],
+            normalize=self.options["normalize"],
+        )
+        log.info(
+            "scgpt: %d of the store's %d genes are in the vocabulary (%.1f%%; %.1f%% of the vocabulary's genes)",
+            tok.n_matched,
+            tok.n_store_genes,
+            100 * tok.coverage,
+            100 * tok.vocab_coverage,
+        )
+        return tok
+
+    def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
+        cfg, vocab = self.checkpoint_meta()
+        ids, vals = rows["input_ids"], rows["values"]
+        lengths = [len(x) for x in ids]
+        width = max(lengths, default=0)
+        if pad_to is not None:
+            if pad_to < width:
+                raise ValueError(f"pad_to={pad_to} is shorter than the longest cell ({width} tokens)")
+            width = pad_to
+        width = max(width, 1)
+        input_ids = torch.full((len(ids), width), vocab[cfg.pad_token], dtype=torch.long)
+        values = torch.full((len(ids), width), cfg.pad_value, dtype=torch.float32)
+        mask = torch.zeros((len(ids), width), dtype=torch.bool)
+        for i, (a, v) in enumerate(zip(ids, vals, strict=True)):
+            n = len(a)
+            input_ids[i, :n] = torch.from_numpy(np.asarray(a, dtype=np.int64))
+            values[i, :n] = torch.from_numpy(np.asarray(v, dtype=np.float32))
+            mask[i, :n] = True
+        return {"input_ids": input_ids, "values": values, "attention_mask": mask}
+
+    def load(self, device: str = "cpu", dtype: Any = None) -> ScGPTEncoder:
+        cfg, vocab, state = read_checkpoint(self.checkpoint_dir())
+        self._meta = (cfg, vocab)
+        with torch.device("meta"):
+            module = ScGPTEncoder(cfg, len(vocab), vocab[cfg.pad_token])
+        module.load_state_dict(state, strict=True, assign=True)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        # float32 first: assign=True keeps the checkpoint's (possibly memory-mapped, possibly fp16) tensors
+        module = module.to(device=device, dtype=torch.float32 if dtype is None else dtype)
+        return module.eval()
+
+    def embed(self, module: ScGPTEncoder, batch: dict[str, Any]) -> torch.Tensor:
+        hidden = module(batch["input_ids"], batch["values"], batch["attention_mask"])
+        cell = hidden[:, 0, :].float()  # the <cls> position
+        return F.normalize(cell, p=2.0, dim=1) if self.options["l2_normalize"] else cell
+
+    @classmethod
+    def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
+        from ..fsutil import atomic_file, write_json
+
+        if preset not in cls.presets:
+            raise UserError(f"model 'scgpt' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
+        args = {**copy.deepcopy(cls.presets[preset]), **copy.deepcopy(config or {})}
+        cfg = config_from_args(args)
+        vocab = complete_vocab(load_census_vocab())
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same preset always gives the same file (stable cache keys)
+            module = ScGPTEncoder(cfg, len(vocab), vocab[cfg.pad_token])
+            # TransformerModel.init_weights: gene embeddings uniform in [-0.1, 0.1]
+            nn.init.uniform_(module.encoder.embedding.weight, -0.1, 0.1)
+            state: dict[str, torch.Tensor] = dict(module.state_dict())
+            for key, shape in official_head_shapes(cfg).items():
+                state[key] = _random_head_tensor(key, shape)
+        ordered = {k: state[k].contiguous() for k in official_shapes(cfg, len(vocab))}
+        with atomic_file(out_dir / CHECKPOINT_FILE) as tmp:
+            torch.save(ordered, tmp)
+        write_json(out_dir / ARGS_FILE, args)
+        write_json(out_dir / VOCAB_FILE, vocab)
+        write_json(
+            out_dir / RANDOM_WEIGHTS_MARKER,
+            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
+        )
+        return out_dir
+
+
+def _random_head_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if key.endswith(".bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:  # LayerNorm weights of the classifier
+        return torch.ones(shape)
+    return torch.randn(shape) * 0.02

@@ -1,0 +1,511 @@
+"""The HTML report of a benchmark run: one self-contained file, readable offline.
+
+Everything is inline (CSS, plots as base64 PNG drawn with matplotlib's Agg canvas, no scripts, no external
+URLs), so the file can be mailed or archived as is. It reads the run directory's contract files
+(``results.parquet``, ``breakdowns.parquet``, ``predictions/*.parquet``, ``manifest.json``) and copes with
+missing pieces: no cross_data, no breakdowns, no predictions, NaN metrics (one-class test sets) shown as
+"n/a". Every value that comes from user data is HTML-escaped.
+
+Predictions of a large run can be big: ROC curves are computed from per-bin counts of ``p_sensitive``
+(streamed batch by batch, two columns only), so memory does not grow with the number of cells.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..engine.errors import UserError
+from ..engine.fsutil import atomic_file
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+SUMMARY_METRICS = ("f1", "macro_f1", "auroc", "auprc", "accuracy")
+ALL_METRICS = ("f1", "macro_f1", "accuracy", "precision", "recall", "auroc", "auprc")
+SUMMARY_KEYS = ("model", "head", "strategy", "scheme", "split", "few_shot_k")
+BREAKDOWN_GROUPS = ("dataset", "cancer_type", "tissue", "therapy", "regimen")
+ROC_BINS = 2000  # score bins for ROC curves: exact up to ties within 1/2000 of probability
+LONG_TABLE = 40  # tables with more rows are folded into <details>
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; padding: 0 1em; }
+h1 { margin-bottom: 0.1em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+.sub { color: #666; margin-top: 0; }
+.banner { background: #c62828; color: #fff; font-size: 1.3em; font-weight: bold; padding: 0.8em 1em;
+          border-radius: 6px; margin: 1em 0; }
+.note { background: #fff8e1; border-left: 5px solid #f9a825; padding: 0.6em 1em; margin: 1em 0; }
+table.t { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em 0; }
+table.t th, table.t td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.t th { background: #f3f3f3; } table.t tr:nth-child(even) td { background: #fafafa; }
+table.t td:first-child, table.t th:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1.5em 0; }
+details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: bold; }
+.muted { color: #888; }
+"""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _mean_sd(values: pd.Series) -> str:
+    """``mean ± sd`` over the finite values; says how many folds had a defined metric when not all did."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    ok = v[np.isfinite(v)]
+    if ok.size == 0:
+        return "n/a"
+    text = _num(ok.mean()) if ok.size == 1 else f"{ok.mean():.3f} ± {ok.std(ddof=1):.3f}"
+    return text if ok.size == v.size else f"{text} ({ok.size}/{v.size})"
+
+
+def _table(df: pd.DataFrame, *, fold_title: str | None = None) -> str:
+    """An escaped HTML table; long ones folded into <details>."""
+    if df.empty:
+        return '<p class="muted">(nothing to show)</p>'
+    body = df.to_html(index=False, escape=True, na_rep="n/a", border=0, classes="t")
+    if fold_title is None and len(df) <= LONG_TABLE:
+        return body
+    title = fold_title or f"{len(df)} rows"
+    return f"<details><summary>{_esc(title)}</summary>{body}</details>"
+
+
+def _img(fig: Figure, alt: str) -> str:
+    FigureCanvasAgg(fig)  # draw with Agg whatever pyplot backend the caller has chosen
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _col(df: pd.DataFrame, name: str, default: Any) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series(default, index=df.index)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s: %s", path, err)
+        return {}
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+
+def _condition(scheme: Any, split: Any, k: Any) -> str:
+    """Short name of an evaluation condition: pooled-sample, pooled-cell, cross_data, cross_data k=20."""
+    if scheme == "pooled":
+        return f"pooled-{split}" if isinstance(split, str) and split else "pooled"
+    if scheme == "cross_data":
+        k = int(k) if pd.notna(k) else 0
+        return "cross_data" if k == 0 else f"cross_data k={k}"
+    return str(scheme)
+
+
+def _condition_order(name: str) -> tuple[int, int, str]:
+    if name.startswith("pooled"):
+        return (0, {"pooled-sample": 0, "pooled-cell": 1}.get(name, 2), name)
+    if name.startswith("cross_data"):
+        k = int(name.split("k=")[1]) if "k=" in name else 0
+        return (1, k, name)
+    return (2, 0, name)
+
+
+def _annotate(results: pd.DataFrame) -> pd.DataFrame:
+    """Add ``arm`` (model, plus head/strategy when they vary) and ``condition`` to the result rows."""
+    df = results.copy()
+    model = _col(df, "model", "?").astype(str)
+    if "model_key" in df.columns and df["model_key"].nunique() > model.nunique():
+        model = df["model_key"].astype(str)  # one model name listed twice with different options
+    head = _col(df, "head", None)
+    strategy = _col(df, "strategy", None)
+    arm = model.copy()
+    if head.notna().any() and (df.assign(_m=model, _h=head).groupby("_m")["_h"].nunique() > 1).any():
+        arm = arm + "/" + head.astype(str)
+    if strategy.nunique(dropna=True) > 1:
+        arm = arm + "/" + strategy.astype(str)
+    if "data" in df.columns and df["data"].nunique() > 1:
+        arm = df["data"].astype(str) + " · " + arm
+    if "random_weights" in df.columns:  # plots carry the warning too, not only the banner
+        arm = arm.where(~df["random_weights"].fillna(False).astype(bool), arm + " (RANDOM)")
+    df["arm"] = arm
+    df["condition"] = [
+        _condition(s, sp, k)
+        for s, sp, k in zip(_col(df, "scheme", "?"), _col(df, "split", None), _col(df, "few_shot_k", 0), strict=True)
+    ]
+    return df
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def _random_weight_models(results: pd.DataFrame, manifest: dict[str, Any]) -> list[str]:
+    names = {str(m.get("name")) for m in manifest.get("models", []) if m.get("random_weights")}
+    if "random_weights" in results.columns:
+        flagged = results[results["random_weights"].fillna(False).astype(bool)]
+        names |= set(_col(flagged, "model", "?").astype(str))
+    return sorted(names)
+
+
+def _summary(results: pd.DataFrame) -> str:
+    keys = [k for k in SUMMARY_KEYS if k in results.columns]
+    if "model_key" in results.columns and results["model_key"].nunique() > _col(results, "model", "").nunique():
+        keys.insert(keys.index("model") + 1 if "model" in keys else 0, "model_key")
+    if "data" in results.columns and results["data"].nunique() > 1:
+        keys.insert(0, "data")
+    rows = []
+    for key, g in results.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        row = {k: ("" if pd.isna(v) else v) for k, v in row.items()}
+        for m in SUMMARY_METRICS:
+            row[m] = _mean_sd(g[m]) if m in g.columns else "n/a"
+        row["n folds"] = len(g)
+        rows.append((_condition_order(str(g["condition"].iloc[0])), str(row.get("model")), row))
+    rows.sort(key=lambda r: r[:2])
+    return _table(pd.DataFrame([r[2] for r in rows]))
+
+
+def _leakage_note(results: pd.DataFrame) -> str:
+    pooled = results[(results["condition"] == "pooled-sample") | (results["condition"] == "pooled-cell")]
+    if pooled["condition"].nunique() < 2:
+        return ""
+    means = pooled.groupby(["arm", "condition"])[["auroc", "f1"]].mean().unstack("condition")
+    gaps = means[("auroc", "pooled-cell")] - means[("auroc", "pooled-sample")]
+    table = pd.DataFrame(
+        {
+            "model": means.index,
+            "AUROC split=sample": [_num(v) for v in means[("auroc", "pooled-sample")]],
+            "AUROC split=cell": [_num(v) for v in means[("auroc", "pooled-cell")]],
+            "F1 split=sample": [_num(v) for v in means[("f1", "pooled-sample")]],
+            "F1 split=cell": [_num(v) for v in means[("f1", "pooled-cell")]],
+            "AUROC gap (cell - sample)": [_num(v) for v in gaps],
+        }
+    )
+    gap = gaps.max()
+    return (
+        '<div class="note"><b>Leakage check.</b> Drug-response labels are sample-level. The cell-level split '
+        "(<code>split: cell</code>, the scDrugMap paper's protocol) puts cells of one sample on both sides of a "
+        "fold, so a model can recognise the sample instead of the response. The sample-grouped split "
+        f"(<code>split: sample</code>) is the honest figure. Largest AUROC gap (cell - sample): <b>{_num(gap)}</b>."
+        f"{_table(table)}</div>"
+    )
+
+
+def _heatmap(matrix: pd.DataFrame, title: str) -> str:
+    values = matrix.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * n_cols), max(2.0, 0.8 + 0.45 * n_rows)))
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(values)
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
+    im = ax.imshow(masked, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(n_cols), [str(c) for c in matrix.columns], rotation=45, ha="right")
+    ax.set_yticks(range(n_rows), [str(r) for r in matrix.index])
+    if n_rows * n_cols <= 400:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = values[i, j]
+                text, color = ("n/a", "#555") if not np.isfinite(v) else (f"{v:.2f}", "w" if v < 0.6 else "k")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="F1")
+    return _img(fig, title)
+
+
+def _heatmaps(results: pd.DataFrame, breakdowns: pd.DataFrame) -> str:
+    parts = []
+    cross = results[_col(results, "scheme", None) == "cross_data"]
+    for cond in sorted(cross["condition"].unique(), key=_condition_order):
+        sub = cross[cross["condition"] == cond]
+        matrix = sub.pivot_table(index="arm", columns="test_dataset", values="f1", aggfunc="mean", dropna=False)
+        if matrix.size:
+            parts.append(_heatmap(matrix, f"F1, {cond}: model x held-out dataset"))
+    if not breakdowns.empty and {"unit_id", "group_key", "group_value", "f1"} <= set(breakdowns.columns):
+        units = results.drop_duplicates("unit_id").set_index("unit_id")[["arm", "condition"]]
+        bd = breakdowns[(breakdowns["group_key"] == "dataset")].join(units, on="unit_id", how="inner")
+        bd = bd[bd["condition"].str.startswith("pooled")]
+        for cond in sorted(bd["condition"].unique(), key=_condition_order):
+            sub = bd[bd["condition"] == cond]
+            matrix = sub.pivot_table(index="arm", columns="group_value", values="f1", aggfunc="mean", dropna=False)
+            if matrix.size:
+                parts.append(_heatmap(matrix, f"F1, {cond}: model x dataset (test cells of each dataset)"))
+    return "".join(parts) or '<p class="muted">No per-dataset results (no cross_data and no breakdowns).</p>'
+
+
+def _scheme_plot(results: pd.DataFrame) -> str:
+    conds = sorted(results["condition"].unique(), key=_condition_order)
+    arms = sorted(results["arm"].unique())
+    if not conds or not arms:
+        return '<p class="muted">No results.</p>'
+    stats = results.groupby(["arm", "condition"])[["auroc", "f1"]].agg(["mean", "std"])
+    fig = Figure(figsize=(max(7.0, 1.2 * len(arms) * max(1, len(conds)) / 2 + 3), 3.8))
+    width = 0.8 / len(conds)
+    colors = _colors(len(conds))
+    x = np.arange(len(arms))
+    for pos, metric in enumerate(("auroc", "f1")):
+        ax = fig.add_subplot(1, 2, pos + 1)
+        for i, cond in enumerate(conds):
+            mean = [stats[(metric, "mean")].get((a, cond), np.nan) for a in arms]
+            sd = np.nan_to_num([stats[(metric, "std")].get((a, cond), np.nan) for a in arms])
+            ax.bar(x + (i - (len(conds) - 1) / 2) * width, mean, width, yerr=sd, capsize=3, label=cond,
+                   color=colors[i])
+        if metric == "auroc":
+            ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+        ax.set_xticks(x, arms, rotation=30 if len(arms) > 3 else 0, ha="right" if len(arms) > 3 else "center")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"mean {metric.upper()} (± sd over folds)")
+    fig.axes[0].legend(fontsize=8, loc="lower left")
+    return _img(fig, "scheme comparison")
+
+
+def _roc_counts(paths: Iterable[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin counts of sensitive and resistant cells by predicted score, streamed (two columns read)."""
+    pos = np.zeros(ROC_BINS, dtype=np.int64)
+    neg = np.zeros(ROC_BINS, dtype=np.int64)
+    for path in paths:
+        try:
+            pf = pq.ParquetFile(path)
+            if not {"y_true", "p_sensitive"} <= set(pf.schema_arrow.names):
+                log.warning("%s lacks y_true/p_sensitive; left out of the ROC curves", path)
+                continue
+            for batch in pf.iter_batches(batch_size=1 << 18, columns=["y_true", "p_sensitive"]):
+                y = batch.column("y_true").to_numpy(zero_copy_only=False).astype(float)
+                p = batch.column("p_sensitive").to_numpy(zero_copy_only=False).astype(float)
+                ok = np.isfinite(y) & np.isfinite(p)
+                bins = np.clip((p[ok] * ROC_BINS).astype(np.int64), 0, ROC_BINS - 1)
+                pos += np.bincount(bins[y[ok] == 1], minlength=ROC_BINS)
+                neg += np.bincount(bins[y[ok] == 0], minlength=ROC_BINS)
+        except OSError as err:
+            log.warning("cannot read %s: %s", path, err)
+    return pos, neg
+
+
+def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    # Thresholds from high to low scores; cells of one bin count as tied.
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1]) / pos.sum()])
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1]) / neg.sum()])
+    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+
+
+def _roc_plot(results: pd.DataFrame, pred_dir: Path) -> str:
+    if not pred_dir.is_dir() or "unit_id" not in results.columns:
+        return '<p class="muted">No predictions recorded.</p>'
+    units = results.drop_duplicates("unit_id")
+    conds = sorted(units["condition"].unique(), key=_condition_order)
+    arms = sorted(units["arm"].unique())
+    colors = dict(zip(arms, _colors(len(arms)), strict=True))
+    ncols = min(3, len(conds))
+    nrows = -(-len(conds) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows))
+    drawn = 0
+    for i, cond in enumerate(conds):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for arm in arms:
+            ids = units.loc[(units["condition"] == cond) & (units["arm"] == arm), "unit_id"]
+            paths = [pred_dir / f"{u}.parquet" for u in ids if (pred_dir / f"{u}.parquet").exists()]
+            curve = _roc(*_roc_counts(paths)) if paths else None
+            if curve is None:
+                continue
+            fpr, tpr, auc = curve
+            ax.plot(fpr, tpr, color=colors[arm], lw=1.5, label=f"{arm} (AUC {auc:.3f})")
+            drawn += 1
+        ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+        ax.set_title(cond)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_aspect("equal")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    if drawn == 0:
+        return '<p class="muted">No predictions with both classes to draw ROC curves from.</p>'
+    return _img(fig, "ROC curves") + (
+        '<p class="muted">Predictions of all folds pooled per model and scheme; AUC of the pooled curve '
+        "(it can differ from the mean of per-fold AUROCs above).</p>"
+    )
+
+
+def _breakdown_tables(results: pd.DataFrame, breakdowns: pd.DataFrame) -> str:
+    need = {"unit_id", "group_key", "group_value"}
+    if breakdowns.empty or not need <= set(breakdowns.columns):
+        return '<p class="muted">No breakdowns recorded.</p>'
+    units = results.drop_duplicates("unit_id").set_index("unit_id")[["arm", "condition"]]
+    bd = breakdowns.join(units, on="unit_id", how="inner")
+    parts = []
+    for key in BREAKDOWN_GROUPS:
+        sub = bd[(bd["group_key"] == key) & bd["group_value"].notna()]
+        if sub.empty:
+            continue
+        rows = []
+        for (arm, cond, value), g in sub.groupby(["arm", "condition", "group_value"], sort=False):
+            row: dict[str, Any] = {"model": arm, "scheme": cond, key: value}
+            row["n"] = int(_col(g, "n", 0).sum())
+            row["n sensitive"] = int(_col(g, "n_sensitive", 0).sum())
+            for m in SUMMARY_METRICS:
+                row[m] = _mean_sd(g[m]) if m in g.columns else "n/a"
+            rows.append(((_condition_order(cond), str(value), arm), row))
+        rows.sort(key=lambda r: r[0])
+        table = pd.DataFrame([r[1] for r in rows])
+        parts.append(f"<h3>By {_esc(key)}</h3>{_table(table)}")
+    return "".join(parts) or '<p class="muted">No breakdowns recorded.</p>'
+
+
+def _unit_table(results: pd.DataFrame) -> str:
+    cols = [
+        c
+        for c in ("unit_id", "model", "head", "strategy", "scheme", "split", "fold", "fold_name", "seed",
+                  "test_dataset", "few_shot_k", "n_train", "n_val", "n_test", "n_test_sensitive")
+        if c in results.columns
+    ]
+    table = results[cols].copy()
+    for m in ALL_METRICS:
+        lo = _col(results, f"{m}_ci_low", np.nan)
+        hi = _col(results, f"{m}_ci_high", np.nan)
+        table[m] = [
+            _num(v) if _num(v) == "n/a" or _num(a) == "n/a" else f"{_num(v)} [{_num(a)}, {_num(b)}]"
+            for v, a, b in zip(results[m], lo, hi, strict=True)
+        ]
+    for c in ("fit_seconds", "predict_seconds"):
+        if c in results.columns:
+            table[c] = [_num(v, 2) for v in results[c]]
+    return _table(table, fold_title=f"Every fold ({len(table)} rows; metrics with bootstrap 95% CI)")
+
+
+def _manifest_section(results: pd.DataFrame, manifest: dict[str, Any]) -> str:
+    parts = []
+    if not manifest:
+        parts.append('<p class="muted">manifest.json not found: the run may not have finished.</p>')
+    else:
+        info = pd.DataFrame(
+            [(k, manifest.get(k, "")) for k in ("name", "started", "finished")], columns=["field", "value"]
+        )
+        parts.append(_table(info))
+        versions = manifest.get("versions") or {}
+        if versions:
+            frame = pd.DataFrame([(k, str(v)) for k, v in versions.items()], columns=["package", "version"])
+            parts.append("<h3>Versions</h3>" + _table(frame))
+        data = manifest.get("data") or []
+        if data:
+            parts.append("<h3>Data</h3>" + _table(pd.DataFrame(data).astype(str)))
+        models = manifest.get("models") or []
+        if models:
+            frame = pd.DataFrame(models)
+            if "identity" in frame.columns:
+                frame["identity"] = [json.dumps(v, sort_keys=True, default=str) for v in frame["identity"]]
+            parts.append("<h3>Models</h3>" + _table(frame.astype(str)))
+    if "fit_seconds" in results.columns:
+        rows = []
+        for arm, g in results.assign(_p=_col(results, "predict_seconds", np.nan)).groupby("arm"):
+            rows.append(
+                {
+                    "model": arm,
+                    "folds": len(g),
+                    "fit s (total)": _num(g["fit_seconds"].sum(), 2),
+                    "fit s (mean/fold)": _num(g["fit_seconds"].mean(), 2),
+                    "predict s (total)": _num(g["_p"].sum(min_count=1), 2),
+                }
+            )
+        parts.append("<h3>Timing</h3>" + _table(pd.DataFrame(rows)))
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+def _page(title: str, subtitle: str, banner: str, sections: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<h2>{_esc(name)}</h2>{content}" for name, content in sections)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{_esc(title)}</h1><p class=\"sub\">{_esc(subtitle)}</p>{banner}{body}</body></html>\n"
+    )
+
+
+def build_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` (atomically) from the run's result files; return its path."""
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.parquet"
+    if not results_path.exists():
+        raise UserError(f"{run_dir} has no results.parquet; is it the output directory of `scdrugmap-ray run`?")
+    results = _annotate(pd.read_parquet(results_path))
+    breakdowns = _read_parquet(run_dir / "breakdowns.parquet")
+    manifest = _read_manifest(run_dir)
+    for m in ALL_METRICS:  # an absent metric column reads as n/a everywhere
+        if m not in results.columns:
+            results[m] = np.nan
+
+    name = manifest.get("name") or run_dir.name
+    when = manifest.get("finished") or datetime.fromtimestamp(results_path.stat().st_mtime, UTC).isoformat(
+        timespec="seconds"
+    )
+    subtitle = f"run {name} · {run_dir} · finished {when} · {len(results)} folds"
+
+    banner = ""
+    random = _random_weight_models(results, manifest)
+    if random:
+        banner = (
+            f'<div class="banner">RANDOM WEIGHTS: {_esc(", ".join(random))} ran on random, untrained weights. '
+            "Their scores mean nothing; they only show that the pipeline runs.</div>"
+        )
+
+    if results.empty:
+        sections = [("Results", '<p class="muted">results.parquet has no rows.</p>')]
+    else:
+        sections = [
+            ("Summary (mean ± sd over folds and seeds)", _summary(results) + _leakage_note(results)),
+            ("Scheme comparison", _scheme_plot(results)),
+            ("F1 by dataset", _heatmaps(results, breakdowns)),
+            ("ROC curves", _roc_plot(results, run_dir / "predictions")),
+            ("Breakdowns (mean ± sd over folds)", _breakdown_tables(results, breakdowns)),
+            ("Per fold", _unit_table(results)),
+        ]
+    sections.append(("Run", _manifest_section(results, manifest)))
+
+    out = run_dir / REPORT
+    with atomic_file(out) as tmp:
+        tmp.write_text(_page(f"scdrugmap-ray benchmark: {name}", subtitle, banner, sections), encoding="utf-8")
+    log.info("wrote %s", out)
+    return out
