@@ -2,8 +2,8 @@
 
 Geneformer (ctheodoris/Geneformer, Apache-2.0) ships its tokenizer dictionaries as Python pickles.
 The package must never unpickle files at run time, so this script (run by a maintainer, on the
-official files whose SHA-256 it checks) writes them once as gzipped JSON into
-``engine/models/resources/geneformer/``. It is the only place in the project that loads a pickle.
+official files, whose SHA-256 it records) writes them once as gzipped JSON into
+``engine/models/resources/geneformer/``. Geneformer's pickles are read here and nowhere else.
 
 Usage::
 
@@ -38,9 +38,6 @@ OUT_DIR = Path(__file__).resolve().parents[1] / "engine" / "models" / "resources
 VERSIONS = {"V1": ("v1_gc30M", "gc30M"), "V2": ("v2_gc104M", "gc104M")}
 NAMES = ("token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict", "gene_name_id_dict")
 
-# SHA-256 of the official pickles (identical to ctheodoris/Geneformer's files)
-EXPECTED_SHA256: dict[str, str] = {}
-
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -49,7 +46,7 @@ def _sha256(path: Path) -> str:
 def _load_pickle(path: Path) -> dict[Any, Any]:
     # Trusted input: the official files of the Geneformer repository, read once by a maintainer.
     with path.open("rb") as fh:
-        obj = pickle.load(fh)  # noqa: S301
+        obj = pickle.load(fh)
     if not isinstance(obj, dict):
         raise SystemExit(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
