@@ -171,7 +171,9 @@ def _inner_model(annotation: Any) -> Any:
 
 
 def _explain(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key also makes the key it was meant to be "missing": report the misspelling.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":

@@ -55,8 +55,12 @@ def test_planted_signal_recovered_and_resume(sim_files: dict[str, Path], tmp_pat
     assert cd["test_dataset"].notna().all() and set(cd["few_shot_k"]) == {0, 10}
     assert res.loc[res.scheme == "pooled", "test_dataset"].isna().all()
     assert (res["auroc_ci_low"] <= res["auroc"]).all() and (res["auroc"] <= res["auroc_ci_high"]).all()
-    pooled_sample = res[(res.scheme == "pooled") & (res.split == "sample")]
-    assert pooled_sample["auroc"].mean() > 0.8, pooled_sample[["model", "auroc"]]
+    # The planted resistance program is found even when whole samples are held out...
+    pca = res[res.model == "pca-logreg"]
+    by_split = pca[pca.scheme == "pooled"].groupby("split")["auroc"].mean()
+    assert by_split["sample"] > 0.75, pca[["fold_name", "auroc"]]
+    # ...and the paper's cell-level split, which leaks sample identity, scores higher still.
+    assert by_split["cell"] > by_split["sample"]
 
     # every labelled cell is predicted exactly once per pooled scheme
     preds = pd.read_parquet(next((run_dir / "predictions").glob("*pca-logreg*pooled-sample*.parquet")))
