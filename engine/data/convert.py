@@ -339,8 +339,83 @@ def _plan(h: _H5ad, opts: ConvertOptions) -> _Plan:
 # ---------------------------------------------------------------------------------------- writing
 
 
+class _ShardWriter:
+    """Appends tables as part-NNNNN.parquet shards of ``shard_cells`` rows, in row groups of ``group`` rows.
+
+    Rows are buffered until a whole row group is there, so row groups have equal sizes whatever the
+    read chunk size (the last one of the store excepted).
+    """
+
+    def __init__(self, out: Path, schema: pa.Schema, shard_cells: int, group: int) -> None:
+        self.out, self.schema, self.shard_cells, self.group = out, schema, shard_cells, min(group, shard_cells)
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.shard, self.in_shard = 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.n_pending += table.num_rows
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        buf = pa.concat_tables(self.pending) if self.pending else None
+        pos = 0
+        while buf is not None and pos < buf.num_rows:
+            take = min(self.group, self.shard_cells - self.in_shard, buf.num_rows - pos)
+            if take < self.group and not final and take == buf.num_rows - pos:
+                break  # wait for more rows to fill the group
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.out / f"part-{self.shard:05d}.parquet", self.schema)
+            self.writer.write_table(buf.slice(pos, take), row_group_size=take)
+            pos += take
+            self.in_shard += take
+            if self.in_shard >= self.shard_cells:
+                self.writer.close()
+                self.writer, self.shard, self.in_shard = None, self.shard + 1, 0
+        rest = buf.slice(pos) if buf is not None else None
+        self.pending = [rest] if rest is not None and rest.num_rows else []
+        self.n_pending = rest.num_rows if rest is not None else 0
+
+    def close(self) -> None:
+        """Write what is left; called on success only (a failed conversion's temp dir is removed)."""
+        self._flush(final=True)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def _list_array(csr: sp.csr_matrix, data: np.ndarray, typ: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(csr.indptr.astype(np.int32)), pa.array(data, type=typ))
+
+
+def _chunk_table(
+    plan: _Plan, schema: pa.Schema, start: int, n_read: int, keep: np.ndarray, sub: sp.csr_matrix
+) -> pa.Table:
+    """The store rows of one read chunk: ``keep`` are the non-empty rows (chunk-relative), ``sub`` their values."""
+    rows = start + keep
+    lab = plan.labels[rows]
+    arrays: dict[str, Any] = {
+        "cell_id": pa.array(plan.cell_ids[rows], type=pa.string()),
+        "gene_index": _list_array(sub, sub.indices.astype(np.int32), pa.int32()),
+        "value": _list_array(sub, sub.data.astype(np.float32), pa.float32()),
+        # every kept row has a non-zero, so reduceat's segments are all non-empty
+        "n_counts": pa.array(np.add.reduceat(sub.data.astype(np.float64), sub.indptr[:-1])),
+        "n_genes": pa.array(np.diff(sub.indptr).astype(np.int32)),
+        "label": pa.array(lab, mask=lab < 0, type=pa.int8()),
+    }
+    for col in METADATA_COLUMNS:
+        vals = plan.columns.get(col)
+        arrays[col] = pa.array(vals[rows] if vals is not None else [None] * len(rows), type=pa.string())
+    for name in schema.names[len(SHARD_SCHEMA) :]:  # obsm.<key>: read the same rows of the embedding
+        block = np.asarray(plan.obsm[name.removeprefix("obsm.")][start : start + n_read], dtype=np.float32)[keep]
+        arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1])
+    return pa.table(arrays, schema=schema)
 
 
 def _process(h: _H5ad, plan: _Plan, opts: ConvertOptions, out: Path | None, progress: bool) -> ConvertReport:
@@ -350,13 +425,12 @@ def _process(h: _H5ad, plan: _Plan, opts: ConvertOptions, out: Path | None, prog
     report = plan.report
     counts_ok = True
     any_negative = False
-    writer: pq.ParquetWriter | None = None
-    shard, in_shard = 0, 0
     label_totals = {"sensitive": 0, "resistant": 0, "unknown": 0}
     datasets: dict[str, int] = {}
     samples: set[str] = set()
     obsm_fields = [pa.field(f"obsm.{k}", pa.list_(pa.float32(), v.shape[1])) for k, v in sorted(plan.obsm.items())]
     schema = pa.schema(list(SHARD_SCHEMA) + obsm_fields)
+    writer = _ShardWriter(out, schema, opts.shard_cells, opts.row_group_cells) if out is not None else None
     try:
         with Progress(disable=not progress) as bar:
             task = bar.add_task(f"convert {h.src.name}", total=report.n_cells_in)
@@ -387,39 +461,14 @@ def _process(h: _H5ad, plan: _Plan, opts: ConvertOptions, out: Path | None, prog
                 if "sample" in plan.columns:
                     samples.update(x for x in plan.columns["sample"][rows] if x is not None)
                 report.n_cells_written += len(rows)
-                if out is not None and len(rows):
-                    arrays: dict[str, Any] = {
-                        "cell_id": pa.array(plan.cell_ids[rows], type=pa.string()),
-                        "gene_index": _list_array(sub, sub.indices.astype(np.int32), pa.int32()),
-                        "value": _list_array(sub, sub.data.astype(np.float32), pa.float32()),
-                        # every kept row has a non-zero, so reduceat's segments are all non-empty
-                        "n_counts": pa.array(np.add.reduceat(sub.data.astype(np.float64), sub.indptr[:-1])),
-                        "n_genes": pa.array(np.diff(sub.indptr).astype(np.int32)),
-                        "label": pa.array(lab, mask=lab < 0, type=pa.int8()),
-                    }
-                    for col in METADATA_COLUMNS:
-                        vals = plan.columns.get(col)
-                        arrays[col] = pa.array(vals[rows] if vals is not None else [None] * len(rows), type=pa.string())
-                    for f in obsm_fields:
-                        ds = plan.obsm[f.name.removeprefix("obsm.")]
-                        block = np.asarray(ds[start : start + len(nnz)], dtype=np.float32)[keep]
-                        arrays[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1])
-                    table = pa.table(arrays, schema=schema)
-                    pos = 0
-                    while pos < table.num_rows:
-                        if writer is None:
-                            writer = pq.ParquetWriter(out / f"part-{shard:05d}.parquet", schema)
-                        take = min(opts.shard_cells - in_shard, table.num_rows - pos)
-                        writer.write_table(table.slice(pos, take), row_group_size=opts.row_group_cells)
-                        pos += take
-                        in_shard += take
-                        if in_shard >= opts.shard_cells:
-                            writer.close()
-                            writer, shard, in_shard = None, shard + 1, 0
+                if writer is not None and len(rows):
+                    writer.add(_chunk_table(plan, schema, start, len(nnz), keep, sub))
                 bar.advance(task, len(nnz))
-    finally:
         if writer is not None:
             writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
     report.value_type = "counts" if counts_ok else "non_counts"
     if any_negative:
         report.warnings.append("negative values: the data is not raw counts (z-scored or centred?)")

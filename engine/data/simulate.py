@@ -65,7 +65,11 @@ class SimulationSummary:
 def _pick_genes(n_genes: int, rng: np.random.Generator) -> pd.DataFrame:
     """Real human symbols with Ensembl IDs, skipping non-coding-looking names."""
     t = gene_table().dropna(subset=["ensembl_id"]).drop_duplicates("symbol").drop_duplicates("ensembl_id")
-    noncoding = t["symbol"].str.contains(r"^(?:LOC|LINC|MIR|SNOR|RNU|RNA5|Y_RNA)|-AS\d|-DT$|orf", regex=True)
+    # RNA genes, antisense/divergent transcripts, open reading frames, and pseudogenes: numbered ones
+    # (ZBED9P1) and a parent symbol + P + number (EEF1DP5 from EEF1D).
+    sym = t["symbol"]
+    noncoding = sym.str.contains(r"^(?:LOC|LINC|MIR|SNOR|RNU|RNA5|Y_RNA)|-AS\d|-DT$|orf|\dP\d*$", regex=True)
+    noncoding |= sym.str.replace(r"B?P\d+$", "", regex=True).isin(set(sym)) & sym.str.contains(r"P\d+$")
     t = t[~noncoding].sort_values("symbol").reset_index(drop=True)
     if n_genes > len(t):
         raise ValueError(f"at most {len(t)} genes can be simulated")

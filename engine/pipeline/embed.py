@@ -41,7 +41,7 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_cells: int 
         start = end
 
 
-def tokenize_rows(tokenizer: CellTokenizer, batch: dict[str, np.ndarray]) -> pa.Table:
+def tokenize_rows(batch: dict[str, np.ndarray], tokenizer: CellTokenizer) -> pa.Table:
     """Tokenize a batch of store rows into an Arrow table of list columns (what the model sees)."""
     rows = tokenizer(batch["cell_id"], list(batch["gene_index"]), list(batch["value"]))
     columns: dict[str, Any] = {"cell_id": pa.array(batch["cell_id"], type=pa.string())}
@@ -99,6 +99,15 @@ def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray
     return {"cell_id": block["cell_id"], "embedding": result, "n_tokens": lengths, "padded_tokens": padded}
 
 
+def _quiet_ray_data() -> None:
+    """Ray Data's per-operator progress logs drown the CLI's own output; keep warnings only."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def embed_store(
     model: FoundationModel,
     store: CellStore,
@@ -120,6 +129,7 @@ def embed_store(
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False, logging_level=logging.WARNING)
+    _quiet_ray_data()
     model.check_store(store)
     tokenizer = model.make_tokenizer(store.genes)
     log.info("%s: vocabulary covers %.1f%% of the store's genes", model.name, 100 * tokenizer.coverage)
@@ -165,6 +175,7 @@ def tokenize_store(model: FoundationModel, store: CellStore, out_dir: Path, bloc
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False, logging_level=logging.WARNING)
+    _quiet_ray_data()
     model.check_store(store)
     tokenizer = model.make_tokenizer(store.genes)
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
