@@ -275,9 +275,13 @@ def test_layer_and_gene_key(tmp_path: Path) -> None:
                    var=pd.DataFrame({"name": ["TP53", "EGFR", "MYC"]},
                                     index=["ENSG00000141510", "ENSG00000146648", "ENSG00000136997"]))
     a.layers["counts"] = counts
+    a.obsm["X_pca"] = np.arange(6, dtype=np.float64).reshape(3, 2)
+    a.obsm["X_sparse"] = sp.csr_matrix(np.eye(3))
     a.write_h5ad(tmp_path / "l.h5ad")
-    convert_h5ad(tmp_path / "l.h5ad", tmp_path / "s1", ConvertOptions(layer="counts"), progress=False)
+    report = convert_h5ad(tmp_path / "l.h5ad", tmp_path / "s1", ConvertOptions(layer="counts"), progress=False)
     s1 = CellStore.open(tmp_path / "s1")
+    assert s1.obsm_keys == ["X_pca"] and np.array_equal(s1.obsm("X_pca"), a.obsm["X_pca"])
+    assert any("skipped: X_sparse" in w for w in report.warnings)
     assert s1.is_counts and np.array_equal(s1.read_csr().toarray(), counts.toarray())
     # Ensembl IDs as names: symbols filled from the mapping table
     assert s1.genes["symbol"].tolist() == ["TP53", "EGFR", "MYC"]

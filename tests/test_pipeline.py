@@ -41,7 +41,7 @@ def real_store(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ce
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["geneformer", "scgpt", "scfoundation"])
+@pytest.mark.parametrize("name", ["geneformer", "tgpt", "scgpt", "scfoundation"])
 def test_engine_matches_direct_embedding(
     name: str, real_store: CellStore, ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,14 +74,30 @@ def test_foundation_models_in_a_frozen_benchmark(tmp_path: Path, ray_session: No
     spec = parse_spec({
         "name": "fm",
         "data": [{"name": "sim", "simulate": {"cells": 400, "datasets": 2, "genes": 1500, "seed": 2}}],
-        "models": [{"name": n, "options": {"preset": "tiny"}} for n in ("geneformer", "scgpt", "scfoundation")],
+        "models": [{"name": n, "options": {"preset": "tiny"}} for n in ("geneformer", "tgpt", "scgpt", "scfoundation")],
         "evaluation": {"pooled": {"folds": 2, "split": "sample"}, "bootstrap": 20},
         "output": str(tmp_path / "run"),
         "cache": str(tmp_path / "cache"),
     })
     run_dir = run_benchmark(spec, progress=False)
     res = pd.read_parquet(run_dir / "results.parquet")
-    assert set(res["model"]) == {"geneformer", "scgpt", "scfoundation"}
+    assert set(res["model"]) == {"geneformer", "tgpt", "scgpt", "scfoundation"}
     assert res["random_weights"].all()
-    assert len(list((tmp_path / "cache" / "embeddings").glob("*.parquet"))) == 3
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.parquet"))) == 4
     assert "RANDOM WEIGHTS" in (run_dir / "report.html").read_text().upper()
+
+
+@pytest.mark.slow
+def test_bench_embed_engine_and_naive_agree(
+    real_store: CellStore, ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scdrugmap_ray.engine.pipeline.bench import bench_embed
+
+    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
+    res = bench_embed(get_model("geneformer", {"preset": "tiny"}), real_store, 24, batch_tokens=4096)
+    assert res["max_abs_diff"] < 1e-4
+    engine, naive = res["engine"], res["naive"]
+    assert engine["cells"] == naive["cells"] == 24
+    # the engine pads to the longest cell of length-sorted batches, the naive loop to the model maximum
+    assert engine["tokens"] == naive["tokens"] and engine["padded_tokens"] < naive["padded_tokens"]
+    assert "speedup_vs_naive" in res and "cells_per_s=" in engine["line"]

@@ -91,7 +91,7 @@ def test_resistance_program_recorded_and_visible(sim: tuple[Path, object]) -> No
 
 
 def test_effect_zero_has_no_signal(tmp_path: Path) -> None:
-    kw = dict(n_cells=3000, n_datasets=3, n_genes=5000, seed=1, progress=False)
+    kw = dict(n_cells=2000, n_datasets=3, n_genes=5000, seed=1, progress=False)
     with_effect = ad.read_h5ad(simulate_h5ad(tmp_path / "a.h5ad", effect=1.0, **kw).path)
     null = ad.read_h5ad(simulate_h5ad(tmp_path / "b.h5ad", effect=0.0, **kw).path)
     assert (null.var["resistance_effect"] == 0).all()

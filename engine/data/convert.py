@@ -8,6 +8,11 @@ Values: NaN or inf anywhere is an error. Negative or non-integer values are acce
 ``value_type: non_counts`` (z-scored or log-normalised data is a real use case: baselines and
 precomputed embeddings can use it); models that need raw counts refuse such a store with one line.
 Cells without any non-zero value are dropped and counted.
+
+Matrices stored column-wise (CSC) are refused with a one-line fix (``adata.X = adata.X.tocsr()``):
+reading cells from CSC touches the whole matrix for every chunk, which defeats bounded streaming.
+Dense matrices are read in row slices. Only dense 2-D ``obsm`` arrays are carried (as ``obsm.<key>``);
+other obsm entries are skipped with a warning in the report.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -551,5 +556,10 @@ def ensure_store(src: Path, opts: ConvertOptions, cache_root: Path, progress: bo
     key = hashlib.sha256((sha + json.dumps(opts.identity(), sort_keys=True)).encode()).hexdigest()[:20]
     path = Path(cache_root) / key
     if not (path / "meta.json").exists():
-        convert_h5ad(src, path, replace(opts), progress=progress, overwrite=path.exists(), source_sha256=sha)
+        try:
+            convert_h5ad(src, path, opts, progress=progress, source_sha256=sha)
+        except (FileExistsError, UserError):
+            # Another process (a second Ray worker, a parallel run) finished the same conversion first.
+            if not (path / "meta.json").exists():
+                raise
     return CellStore.open(path)

@@ -52,11 +52,12 @@ def parse_labels(
     user_r = {_norm(v) for v in resistant}
     if user_s & user_r:
         raise UserError(f"label value(s) {sorted(user_s & user_r)} given as both --sensitive and --resistant")
-    as_str = values.astype(object).where(values.notna(), "")
-    uniques = pd.unique(as_str.map(_norm))
+    # Work on the distinct raw values only: a million cells have a handful of label values.
+    raw_codes, raw_uniques = pd.factorize(values.astype(object).where(values.notna(), ""), use_na_sentinel=False)
+    normed_uniques = np.array([_norm(u) for u in raw_uniques], dtype=object)
     mapping: dict[str, int] = {}
     unrecognised = []
-    for u in uniques:
+    for u in dict.fromkeys(normed_uniques):
         if u in user_s:
             mapping[u] = 1
         elif u in user_r:
@@ -69,16 +70,17 @@ def parse_labels(
             mapping[u] = 0
         else:
             unrecognised.append(u)
-    normed = as_str.map(_norm)
     if unrecognised:
-        counts = normed[normed.isin(unrecognised)].value_counts()
+        per_raw = np.bincount(raw_codes, minlength=len(raw_uniques))
+        counts = pd.Series(per_raw, index=normed_uniques).groupby(level=0).sum()
+        counts = counts[counts.index.isin(unrecognised)].sort_values(ascending=False, kind="stable")
         shown = ", ".join(f"{v!r} ({n} cells)" for v, n in counts.head(5).items())
         more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
         raise UserError(
             f"unrecognised label value(s) {shown}{more}: map them with --sensitive VALUE / --resistant VALUE "
             "(or sensitive:/resistant: in the benchmark YAML)"
         )
-    codes = normed.map(mapping).to_numpy(dtype=np.int8)
+    codes = np.array([mapping[u] for u in normed_uniques], dtype=np.int8)[raw_codes]
     report = {
         "sensitive": sorted(k for k, v in mapping.items() if v == 1),
         "resistant": sorted(k for k, v in mapping.items() if v == 0),

@@ -18,9 +18,10 @@ What the original does (deeplearningplus/tGPT: ``README.md`` / ``example.ipynb``
   ``train.py`` builds it as ``GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=1024, n_layer=8,
   n_head=16, bos/pad/eos ids of the tokenizer)``: every other setting is GPT-2's default, so
   ``n_positions`` is 1,024 (the "64" of the name is the sequence length used, not the model's maximum).
-  The released ``pytorch_model.bin`` is 502 MB, which is what this config gives (123.5M float32
-  parameters = 493.9 MB) plus the eight 1 MiB ``attn.bias`` causal-mask buffers that transformers 4.x
-  saved; with ``n_positions`` 64 it would be 490 MB.
+  The released ``pytorch_model.bin`` is 502 MB (the notebook's download log), which is what this config
+  gives: 123.5M float32 parameters = 493.9 MB plus the eight 1 MiB ``attn.bias`` causal-mask buffers
+  that transformers 4.x saved (``init_random`` writes 502,338,069 bytes); with ``n_positions`` 64 it
+  would be 490 MB.
 * Cell embedding: ``last_hidden_state`` (after the final LayerNorm); per cell
   ``hidden[1 : attention_mask.sum() - 1].mean(0)``, i.e. the mean over the gene tokens, excluding
   ``</b>`` and ``</s>`` and the padding: 1,024-d for the released model.
@@ -39,18 +40,20 @@ Where it differs (the ranking step, which tGPT does not publish), and why:
   ranked, so a cell with fewer than 62 of them gives a shorter sequence (a dense ``argsort`` would
   append arbitrary zero-count genes). Per-cell normalisation or ``log1p`` would not change the order.
 * Ties (very common in counts: most cells of the real GSE149383 data have a tie across the 62-gene
-  cut) keep the store's gene order (stable sort). The ranking scripts that circulate with tGPT sort a
-  dense row with ``np.argsort`` (quicksort: tie order implementation- and CPU-dependent) or Python's
-  ``sorted`` (stable, like here); neither is part of tGPT.
+  cut) keep the store's gene order (stable sort). Third-party scripts that feed tGPT sort a dense row
+  with ``np.argsort`` (quicksort: tie order implementation- and CPU-dependent) or use Python's
+  ``sorted`` (stable, like here); none of them is part of tGPT.
 * ``exclude_genes="mito_ribo"`` (the default) leaves out mitochondrially encoded genes (``MT-*``) and
   cytosolic ribosomal protein genes (``RPL*``/``RPS*``, ``RPLP0-2``, ``RPSA``; not their ``L``
   paralogs, pseudogenes or ``RPS6K*``) before ranking. Evidence that the pretraining sentences were
-  built without them: the vocabulary, ordered by frequency in the corpus (``TMSB4X``, ``FTH1``,
-  ``ACTB`` ... first), has no ``MT_*`` symbol at all and puts the ribosomal genes, which top almost
-  every cell's raw counts, after position 11,900 of 21,150; the 100 cells of the official
-  ``data/val.txt`` contain none of them. On the real PC9 cells, keeping them would fill about half of
-  the 62 positions with ribosomal and mitochondrial genes (12% ``<unk>``). ``exclude_genes="none"``
-  ranks all genes, as the bare inference code would.
+  built without them: the vocabulary, apparently ordered by frequency in the corpus (``TMSB4X``,
+  ``FTH1``, ``ACTB`` ... first), has no ``MT_*`` symbol at all and puts the ribosomal genes, which top
+  almost every cell's raw counts, after position 11,900 of 21,150; the 100 cells of the official
+  ``data/val.txt`` (62 genes each) contain none of them. On the real GSE149383 cells, keeping them
+  would fill 22% of the 62 positions on average, the mitochondrial ones as ``<unk>``.
+  ``exclude_genes="none"`` ranks all genes, as the bare inference code would. (``MALAT1`` and
+  ``NEAT1`` are rare in the vocabulary too, at 13,737 and 19,159, and absent from ``val.txt``, but no
+  rule that would explain it is known; they are kept.)
 * Store genes without a symbol, or whose symbol column holds Ensembl IDs, are named through the
   package's org.Hs.eg.db table (``engine/data/gene_ids``); the original would see the ID, an ``<unk>``.
 * A cell left with no gene token gets a zero embedding (the original's mean over an empty slice is NaN).
@@ -68,8 +71,9 @@ with the ``GPT2LMHeadModel`` keys and legacy buffers of a transformers-4.x file,
 shipped with this package: pass its folder as ``tokenizer_dir`` (the folder of a downloaded checkpoint
 or of deeplearningplus/tGPT's ``gpt2tokenizer``); it is copied into the new checkpoint, as the official
 one sits in the official folder. Without it the ``tiny`` preset builds a stand-in tokenizer with the
-same structure over the human gene symbols of org.Hs.eg.db (``engine/data/resources/human_genes.tsv.gz``)
-or over a ``genes`` list given in the config; the real-size preset requires the real tokenizer.
+same structure over the human gene symbols with an Ensembl ID in org.Hs.eg.db
+(``engine/data/resources/human_genes.tsv.gz``) or over a ``genes`` list given in the config; the real-size
+preset requires the real tokenizer.
 LoRA acts on GPT-2's ``c_attn`` / ``c_proj`` ``Conv1D`` modules (PEFT needs ``fan_in_fan_out=True`` for
 them and sets it itself with a warning); scDrugMap's tGPT fine-tuning script used ``c_attn`` only.
 """
@@ -673,6 +677,8 @@ class TgptModel(FoundationModel):
     # -- weights ---------------------------------------------------------------------------------
 
     def load(self, device: str = "cpu", dtype: Any = None) -> Any:
+        import torch
+
         ckpt = self.checkpoint_dir()
         cfg = self.config()
         _ = self.vocabulary(), self.max_length  # refuse a bad tokenizer or option before reading weights
@@ -686,9 +692,14 @@ class TgptModel(FoundationModel):
         module = build_body(cfg, device="meta")
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         body = check_state_dict(state, shapes, int(cfg["n_positions"]), path)
-        module.load_state_dict(body, strict=True, assign=True)
+        if any(b.is_meta for b in module.buffers()):
+            # non-persistent buffers (some transformers versions keep a causal mask): build for real
+            module = build_body(cfg)
+            module.load_state_dict(body, strict=True)
+        else:  # take the file's tensors as they are (memory-mapped for .bin): no copy, no random init
+            module.load_state_dict(body, strict=True, assign=True)
         module.eval()
-        return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+        return module.to(device=device, dtype=dtype or torch.float32)
 
     def embed(self, module: Any, batch: dict[str, Any]) -> Any:
         import torch
@@ -793,13 +804,13 @@ class TgptModel(FoundationModel):
 
 def write_standin_tokenizer(out_dir: Path, genes: list[str] | None = None) -> int:
     """Write tokenizer files with the official structure (WordLevel, Whitespace, ``</b> $A </s>``,
-    ``<pad>``/``</b>``/``</s>``/``<unk>`` = 0-3) over ``genes`` or the human symbols of org.Hs.eg.db;
+    ``<pad>``/``</b>``/``</s>``/``<unk>`` = 0-3) over ``genes`` or org.Hs.eg.db's symbols with an Ensembl ID;
     returns the number of gene tokens. For tests and demos without the (GPL-3) official tokenizer."""
     from ..data.gene_ids import gene_table
     from ..fsutil import write_json
 
-    if genes is None:
-        genes = gene_table()["symbol"].dropna().tolist()
+    if genes is None:  # the symbols of genes with an Ensembl ID: ~36,600, about the real vocabulary's size
+        genes = gene_table().dropna(subset=["ensembl_id"])["symbol"].dropna().tolist()
     words = sorted({rewrite_symbol(str(g).strip()) for g in genes if _present(g)})
     words = [w for w in words if re.fullmatch(r"\w+", w) and w not in SPECIALS.values()]
     if not words:

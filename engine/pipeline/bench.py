@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -84,28 +84,28 @@ class BenchSide:
         )
 
 
-def first_cells(store: CellStore, n: int) -> dict[str, list]:
-    ids: list = []
-    genes: list = []
-    values: list = []
-    for batch in store.iter_batches(batch_size=min(n, 8192), columns=["cell_id", "gene_index", "value"]):
-        take = min(n - len(ids), batch.num_rows)
-        ids.extend(batch.column("cell_id").to_pylist()[:take])
-        gi, vals = batch.column("gene_index"), batch.column("value")
-        genes.extend(gi[i].values.to_numpy() for i in range(take))
-        values.extend(vals[i].values.to_numpy() for i in range(take))
-        if len(ids) >= n:
-            break
+def spread_rows(store: CellStore, n: int) -> np.ndarray:
+    """n rows evenly spread over the store: a benchmark sees the store's mix of short and long cells."""
+    return np.unique(np.linspace(0, store.n_cells - 1, num=min(n, store.n_cells)).round().astype(np.int64))
+
+
+def read_cells(store: CellStore, rows: np.ndarray) -> dict[str, Any]:
+    csr = store.read_csr(rows)
+    ids = store.obs(["cell_id"])["cell_id"].to_numpy()[rows]
+    genes = [csr.indices[csr.indptr[i] : csr.indptr[i + 1]].astype(np.int32) for i in range(len(rows))]
+    values = [csr.data[csr.indptr[i] : csr.indptr[i + 1]] for i in range(len(rows))]
     return {"cell_id": np.asarray(ids, dtype=object), "gene_index": genes, "value": values}
 
 
-def naive_embed(model: FoundationModel, store: CellStore, n: int, batch_cells: int) -> tuple[np.ndarray, BenchSide]:
+def naive_embed(
+    model: FoundationModel, store: CellStore, rows: np.ndarray, batch_cells: int
+) -> tuple[np.ndarray, BenchSide]:
     """Single process, fixed batches in store order, every cell padded to the model maximum, fp32."""
     import torch
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        cells = first_cells(store, n)
+        cells = read_cells(store, rows)
         tokenizer = model.make_tokenizer(store.genes)
         module = model.load(device="cpu", dtype=torch.float32)
         rows = tokenizer(cells["cell_id"], cells["gene_index"], cells["value"])
@@ -125,14 +125,16 @@ def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch
                 naive_batch_cells: int = 8, num_actors: int | None = None) -> dict[str, object]:
     from .embed import embed_store
 
-    n = min(n_cells, store.n_cells)
+    rows = spread_rows(store, n_cells)
+    n = len(rows)
+    ids = store.obs(["cell_id"])["cell_id"].to_numpy()[rows].tolist()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        emb, stats = embed_store(model, store, batch_tokens=batch_tokens, num_actors=num_actors, limit=n,
+        emb, stats = embed_store(model, store, batch_tokens=batch_tokens, num_actors=num_actors, cell_ids=ids,
                                  return_stats=True)
         seconds = time.perf_counter() - t0
     engine = BenchSide(n, seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20)
-    ref, naive = naive_embed(model, store, n, naive_batch_cells)
+    ref, naive = naive_embed(model, store, rows, naive_batch_cells)
     diff = float(np.abs(emb - ref).max())
     return {
         "model": model.name,

@@ -99,6 +99,11 @@ def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray
     return {"cell_id": block["cell_id"], "embedding": result, "n_tokens": lengths, "padded_tokens": padded}
 
 
+def _keep_cells(batch: dict[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
+    mask = np.fromiter((c in wanted for c in batch["cell_id"]), dtype=bool, count=len(batch["cell_id"]))
+    return {k: v[mask] for k, v in batch.items()}
+
+
 def _quiet_ray_data() -> None:
     """Ray Data's per-operator progress logs drown the CLI's own output; keep warnings only."""
     import ray
@@ -117,12 +122,13 @@ def embed_store(
     device: str | None = None,
     dtype: str | None = None,
     block_cells: int = 1024,
-    limit: int | None = None,
+    cell_ids: Sequence[str] | None = None,
     return_stats: bool = False,
 ) -> Any:
     """float32 [n_cells, d] embeddings in store row order, computed on the current Ray cluster.
 
-    ``limit`` embeds only the first cells (benchmarks); ``return_stats`` also returns token counts.
+    ``cell_ids`` embeds only those cells, in that order (benchmarks); ``return_stats`` also returns
+    token counts.
     """
     import ray
     import torch
@@ -140,9 +146,12 @@ def embed_store(
     num_actors = num_actors or max(1, gpus if device == "cuda" else 1)
 
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
-    n = store.n_cells if limit is None else min(limit, store.n_cells)
-    if limit is not None:
-        ds = ds.limit(n)
+    if cell_ids is not None:
+        wanted = list(cell_ids)
+        ds = ds.map_batches(_keep_cells, fn_args=(frozenset(wanted),), batch_format="numpy")
+    else:
+        wanted = store.obs(["cell_id"])["cell_id"].tolist()
+    n = len(wanted)
     ds = ds.map_batches(tokenize_rows, fn_args=(tokenizer,), batch_size=block_cells, batch_format="numpy")
     ds = ds.map_batches(
         EmbedActor,
@@ -152,7 +161,7 @@ def embed_store(
         batch_size=block_cells,
         batch_format="numpy",
     )
-    row_of = {cid: i for i, cid in enumerate(store.obs(["cell_id"])["cell_id"][:n])}
+    row_of = {cid: i for i, cid in enumerate(wanted)}
     out: np.ndarray | None = None
     stats = {"tokens": 0, "padded_tokens": 0}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
