@@ -18,7 +18,7 @@ import hashlib
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -112,6 +112,22 @@ def checkpoint_digest(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def pad_ragged(
+    cells: Sequence[np.ndarray], pad_value: float, dtype: Any, pad_to: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad per-cell arrays into [n, width] and return it with the lengths. Width is the longest
+    cell (at least 1, so an empty cell still has a row), or ``pad_to`` (the naive reference loop)."""
+    lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+    longest = int(lengths.max(initial=0))
+    width = max(1, longest if pad_to is None else int(pad_to))
+    if width < longest:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest cell ({longest} tokens)")
+    out = np.full((len(cells), width), pad_value, dtype=dtype)
+    for i, c in enumerate(cells):
+        out[i, : len(c)] = c
+    return out, lengths
 
 
 class CellTokenizer(ABC):

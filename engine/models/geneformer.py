@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
+from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 
 log = logging.getLogger(__name__)
 
@@ -534,18 +534,9 @@ class GeneformerModel(FoundationModel):
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
         import torch
 
-        cells = rows["input_ids"]
-        lengths = np.array([len(c) for c in cells], dtype=np.int64)
-        longest = max(1, int(lengths.max()) if len(lengths) else 1)
-        width = longest if pad_to is None else int(pad_to)
-        if width < longest:
-            raise ValueError(f"pad_to={pad_to} is shorter than the longest cell ({longest} tokens)")
         pad_id = load_dictionaries(self.version).pad_id
-        ids = np.full((len(cells), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(cells), width), dtype=np.int64)
-        for i, c in enumerate(cells):
-            ids[i, : len(c)] = c
-            mask[i, : len(c)] = 1
+        ids, lengths = pad_ragged(rows["input_ids"], pad_id, np.int64, pad_to)
+        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
         # a cell with no token attends to one pad token (no all-masked row, no NaN); embed zeroes it
         mask[lengths == 0, 0] = 1
         return {

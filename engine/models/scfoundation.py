@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
+from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 
 log = logging.getLogger(__name__)
 
@@ -660,22 +660,10 @@ class ScFoundationModel(FoundationModel):
         return tok
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
-        ids, vals = rows["input_ids"], rows["values"]
-        lengths = [len(x) for x in ids]
-        width = max(lengths, default=0)
-        if pad_to is not None:
-            if pad_to < width:
-                raise ValueError(f"pad_to={pad_to} is shorter than the longest cell ({width} tokens)")
-            width = pad_to
-        width = max(width, 1)
-        input_ids = torch.full((len(ids), width), PAD_POSITION, dtype=torch.long)
-        values = torch.zeros((len(ids), width), dtype=torch.float32)
-        mask = torch.zeros((len(ids), width), dtype=torch.bool)
-        for i, (a, v) in enumerate(zip(ids, vals, strict=True)):
-            n = len(a)
-            input_ids[i, :n] = torch.from_numpy(np.asarray(a, dtype=np.int64))
-            values[i, :n] = torch.from_numpy(np.asarray(v, dtype=np.float32))
-            mask[i, :n] = True
+        ids, lengths = pad_ragged(rows["input_ids"], PAD_POSITION, np.int64, pad_to)
+        vals, _ = pad_ragged(rows["values"], 0.0, np.float32, pad_to)
+        input_ids, values = torch.from_numpy(ids), torch.from_numpy(vals)
+        mask = torch.from_numpy(np.arange(ids.shape[1]) < lengths[:, None])
         return {"input_ids": input_ids, "values": values, "attention_mask": mask}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> ScFoundationEncoder:
