@@ -93,3 +93,44 @@ def test_simulate_and_run_from_the_command_line(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "results.parquet").exists()
     proc = cli("report", str(tmp_path / "run"))
     assert proc.returncode == 0 and "report.html" in proc.stdout
+
+
+@pytest.mark.slow
+def test_foundation_model_commands(tmp_path: Path, shared_dir: Path) -> None:
+    """init-random -> tokenize -> embed on real cells, as a user runs them; bad checkpoints are one line."""
+    import anndata as ad
+    import pyarrow.parquet as pq
+
+    env = {"SCDRUGMAP_RAY_CACHE": str(tmp_path / "cache")}
+    src = ad.read_h5ad(shared_dir / "data" / "gse149383_PC9_erlotinib_day11_rawcounts.h5ad")
+    src[:120].copy().write_h5ad(tmp_path / "pc9.h5ad")
+    assert cli("convert", str(tmp_path / "pc9.h5ad"), str(tmp_path / "store"), "--dataset", "PC9").returncode == 0
+
+    ckpt = tmp_path / "gf"
+    proc = cli("models", "init-random", "geneformer", str(ckpt), "--preset", "tiny", env=env)
+    assert proc.returncode == 0 and "RANDOM WEIGHTS" in proc.stdout, proc.stderr
+    assert (ckpt / "config.json").exists() and (ckpt / "model.safetensors").exists()
+    assert_user_error(cli("models", "init-random", "geneformer", str(ckpt), env=env), "already exists")
+    not_fm = cli("models", "init-random", "pca-logreg", str(tmp_path / "x"), env=env)
+    assert_user_error(not_fm, "not a foundation model")
+
+    proc = cli("tokenize", str(tmp_path / "store"), "--model", "geneformer", "--checkpoint", str(ckpt),
+               "--out", str(tmp_path / "tokens"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tokens = pq.read_table(tmp_path / "tokens")
+    assert {"cell_id", "input_ids"} <= set(tokens.column_names) and tokens.num_rows == 120
+
+    proc = cli("embed", str(tmp_path / "store"), "--model", "geneformer", "--checkpoint", str(ckpt),
+               "--out", str(tmp_path / "emb.parquet"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = pq.read_table(tmp_path / "emb.parquet")
+    assert emb.num_rows == 120 and emb.schema.field("embedding").type.list_size == 64
+
+    (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:5000])
+    proc = cli("embed", str(tmp_path / "store"), "--model", "geneformer", "--checkpoint", str(ckpt),
+               "--out", str(tmp_path / "emb2.parquet"), env=env)
+    # The error reaches the user as its one line, exit 2; Ray's own start-up lines may precede it.
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: truncated or corrupt checkpoint file"), last
+    assert not (tmp_path / "emb2.parquet").exists()

@@ -12,12 +12,15 @@ model's maximum is most of the compute. Output order is restored by cell_id.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from ..data.store import CellStore
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 16_384
+_USER_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?UserError: (.+)$", re.MULTILINE)
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_cells: int = 512) -> Iterator[np.ndarray]:
@@ -71,11 +75,36 @@ class EmbedActor:
         self.model = get_model(model_name, options)
         self.device = device
         self.dtype = getattr(torch, dtype) if dtype else None
-        self.module = self.model.load(device=device, dtype=self.dtype)  # type: ignore[attr-defined]
         self.batch_tokens = batch_tokens
+        # A bad checkpoint must reach the user as its one-line UserError, not as a dead actor: keep it
+        # and raise it from the first task, whose error Ray Data hands back to the driver.
+        self.error: UserError | None = None
+        try:
+            self.module = self.model.load(device=device, dtype=self.dtype)  # type: ignore[attr-defined]
+        except UserError as err:
+            self.error = err
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
         return embed_block(self.model, self.module, block, self.batch_tokens, self.device)  # type: ignore[arg-type]
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind a Ray Data failure, if there is one. Ray Data re-raises a UDF's error as
+    a UserCodeException that keeps only the remote traceback's text, so the line is read from it."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found = _USER_ERROR_LINE.findall(str(e))
+        if found:
+            return UserError(found[-1])
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
 
 
 def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray], batch_tokens: int,
@@ -99,18 +128,23 @@ def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray
     return {"cell_id": block["cell_id"], "embedding": result, "n_tokens": lengths, "padded_tokens": padded}
 
 
+def _iterate(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
 def _keep_cells(batch: dict[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
     mask = np.fromiter((c in wanted for c in batch["cell_id"]), dtype=bool, count=len(batch["cell_id"]))
     return {k: v[mask] for k, v in batch.items()}
 
 
 def _quiet_ray_data() -> None:
-    """Ray Data's per-operator progress logs drown the CLI's own output; keep warnings only."""
+    """Ray Data's per-operator logs drown the CLI's own output, and a failing task is reported to the
+    user by the driver as one line (see _user_error_in), so Ray Data's own logs are silenced."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def embed_store(
@@ -164,7 +198,14 @@ def embed_store(
     row_of = {cid: i for i, cid in enumerate(wanted)}
     out: np.ndarray | None = None
     stats = {"tokens": 0, "padded_tokens": 0}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    try:
+        batches = list(_iterate(ds))
+    except Exception as err:
+        user = _user_error_in(err)
+        if user is not None:
+            raise user from None
+        raise
+    for batch in batches:
         emb = np.stack(batch["embedding"]) if batch["embedding"].dtype == object else batch["embedding"]
         if out is None:
             out = np.empty((n, emb.shape[1]), dtype=np.float32)
