@@ -28,3 +28,11 @@ def ray_session() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pc9(shared_dir: Path) -> dict:
+    """Real GSE149383 cells and a store-like genes table, read once for every model's tests."""
+    from realcells import load_pc9
+
+    return load_pc9(shared_dir)

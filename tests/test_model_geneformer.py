@@ -4,7 +4,6 @@ own hidden states, batch independence, presets against the official configs and 
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from realcells import cells as _cells
 from safetensors.torch import load_file, save_file
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import RANDOM_WEIGHTS_MARKER, get_model
@@ -25,8 +25,6 @@ from scdrugmap_ray.engine.models.geneformer import (
     expected_shapes,
 )
 
-DATA = "data/gse149383_PC9_erlotinib_day11_rawcounts.h5ad"
-ID_MAP = "assets/gene_id_maps/entrez_symbol_ensembl_orgHsegdb3.16.tsv"
 #: rows of the real file used below: long cells (> 2,048 known genes), mid, short, and row 1686 whose only
 #: expressed gene is outside the V1 vocabulary
 ROWS = [0, 1, 2, 181, 208, 1209, 1212, 1333, 1686]
@@ -36,34 +34,8 @@ ROWS = [0, 1, 2, 181, 208, 1209, 1212, 1333, 1686]
 
 
 @pytest.fixture(scope="module")
-def real(shared_dir: Path) -> dict:
-    """GSE149383 cells and a genes table built like the store's (position, symbol, ensembl_id; the
-    Ensembl ID from org.Hs.eg.db, first row of each symbol)."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(shared_dir / DATA)
-    ens: dict[str, str] = {}
-    with open(shared_dir / ID_MAP) as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["ensembl_id"] and row["symbol"] not in ens:
-                ens[row["symbol"]] = row["ensembl_id"]
-    symbols = [str(s) for s in adata.var_names]
-    genes = pd.DataFrame(
-        {
-            "position": np.arange(len(symbols), dtype=np.int32),
-            "symbol": symbols,
-            "ensembl_id": [ens.get(s) for s in symbols],
-        }
-    )
-    return {"adata": adata, "genes": genes, "X": adata.X.tocsr()}
-
-
-def _cells(real: dict, rows: list[int]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    x = real["X"]
-    ids = np.asarray(real["adata"].obs_names[rows])
-    gi = [x.indices[x.indptr[r] : x.indptr[r + 1]].astype(np.int32) for r in rows]
-    vals = [x.data[x.indptr[r] : x.indptr[r + 1]].astype(np.float32) for r in rows]
-    return ids, gi, vals
+def real(pc9: dict, shared_dir: Path) -> dict:
+    return {**pc9}
 
 
 def _dicts(version: str) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from realcells import cells as _cells
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import RANDOM_WEIGHTS_MARKER, get_model
 from scdrugmap_ray.engine.models.scfoundation import (
@@ -27,7 +28,6 @@ from scdrugmap_ray.engine.models.scfoundation import (
 )
 from torch import nn
 
-DATA = "data/gse149383_PC9_erlotinib_day11_rawcounts.h5ad"
 GENE_TSV = "assets/scfoundation/OS_scRNA_gene_index.19264.tsv"
 
 
@@ -35,39 +35,13 @@ GENE_TSV = "assets/scfoundation/OS_scRNA_gene_index.19264.tsv"
 
 
 @pytest.fixture(scope="module")
-def real(shared_dir: Path) -> dict:
-    """The GSE149383 cells and a genes table built like the store's (position, symbol, ensembl_id)."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(shared_dir / DATA)
-    ens: dict[str, str] = {}
-    with open(shared_dir / "assets/gene_id_maps/entrez_symbol_ensembl_orgHsegdb3.16.tsv") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["ensembl_id"] and row["symbol"] not in ens:
-                ens[row["symbol"]] = row["ensembl_id"]
-    symbols = [str(s) for s in adata.var_names]
-    genes = pd.DataFrame(
-        {
-            "position": np.arange(len(symbols), dtype=np.int32),
-            "symbol": symbols,
-            "ensembl_id": [ens.get(s) for s in symbols],
-        }
-    )
-    x = adata.X.tocsr()
-    return {"adata": adata, "genes": genes, "X": x, "gene_list": _gene_list(shared_dir)}
+def real(pc9: dict, shared_dir: Path) -> dict:
+    return {**pc9, "gene_list": _gene_list(shared_dir)}
 
 
 def _gene_list(shared_dir: Path) -> list[str]:
     with open(shared_dir / GENE_TSV) as fh:
         return [row["gene_name"] for row in csv.DictReader(fh, delimiter="\t")]
-
-
-def _cells(real: dict, rows: list[int]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    x = real["X"]
-    ids = np.asarray(real["adata"].obs_names[rows])
-    gi = [x.indices[x.indptr[r] : x.indptr[r + 1]].astype(np.int32) for r in rows]
-    vals = [x.data[x.indptr[r] : x.indptr[r + 1]].astype(np.float32) for r in rows]
-    return ids, gi, vals
 
 
 @pytest.fixture(scope="module")

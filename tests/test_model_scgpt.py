@@ -5,7 +5,6 @@ batch independence, presets against the manifest."""
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import json
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from realcells import cells as _cells
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import RANDOM_WEIGHTS_MARKER, get_model
 from scdrugmap_ray.engine.models.scgpt import (
@@ -32,7 +32,6 @@ from scdrugmap_ray.engine.models.scgpt import (
 )
 from torch import nn
 
-DATA = "data/gse149383_PC9_erlotinib_day11_rawcounts.h5ad"
 N_VOCAB = 60_694  # genes in the census vocabulary; <pad>, <cls>, <eoc> follow
 PAD, CLS = 60_694, 60_695
 
@@ -41,34 +40,8 @@ PAD, CLS = 60_694, 60_695
 
 
 @pytest.fixture(scope="module")
-def real(shared_dir: Path) -> dict:
-    """The GSE149383 cells and a genes table built like the store's (position, symbol, ensembl_id)."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(shared_dir / DATA)
-    ens: dict[str, str] = {}
-    with open(shared_dir / "assets/gene_id_maps/entrez_symbol_ensembl_orgHsegdb3.16.tsv") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["ensembl_id"] and row["symbol"] not in ens:
-                ens[row["symbol"]] = row["ensembl_id"]
-    symbols = [str(s) for s in adata.var_names]
-    genes = pd.DataFrame(
-        {
-            "position": np.arange(len(symbols), dtype=np.int32),
-            "symbol": symbols,
-            "ensembl_id": [ens.get(s) for s in symbols],
-        }
-    )
-    vocab = json.loads((shared_dir / "assets/scgpt/default_census_vocab.json").read_text())
-    return {"adata": adata, "genes": genes, "X": adata.X.tocsr(), "vocab": vocab}
-
-
-def _cells(real: dict, rows: list[int]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    x = real["X"]
-    ids = np.asarray(real["adata"].obs_names[rows])
-    gi = [x.indices[x.indptr[r] : x.indptr[r + 1]].astype(np.int32) for r in rows]
-    vals = [x.data[x.indptr[r] : x.indptr[r + 1]].astype(np.float32) for r in rows]
-    return ids, gi, vals
+def real(pc9: dict, shared_dir: Path) -> dict:
+    return {**pc9, "vocab": json.loads((shared_dir / "assets/scgpt/default_census_vocab.json").read_text())}
 
 
 @pytest.fixture(scope="module")

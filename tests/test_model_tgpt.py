@@ -6,7 +6,6 @@ The official tokenizer (GPL-3) is read from ../shared/assets/tgpt/ only; the pac
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from realcells import cells as _cells
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import RANDOM_WEIGHTS_MARKER, get_model
 from scdrugmap_ray.engine.models.tgpt import (
@@ -25,8 +25,6 @@ from scdrugmap_ray.engine.models.tgpt import (
     rewrite_symbol,
 )
 
-DATA = "data/gse149383_PC9_erlotinib_day11_rawcounts.h5ad"
-ID_MAP = "assets/gene_id_maps/entrez_symbol_ensembl_orgHsegdb3.16.tsv"
 TOKENIZER = "assets/tgpt"
 #: rows of the real file: long cells (0, 1, 2), a tie across the 62-gene cut (181), short cells (794: 5
 #: genes; 1209: mitochondrial genes first), 1686 (its only gene is MT-RNR2), 1741 (ribosomal + pseudogene)
@@ -37,33 +35,8 @@ ROWS = [0, 1, 2, 181, 208, 794, 1209, 1604, 1686, 1741]
 
 
 @pytest.fixture(scope="module")
-def real(shared_dir: Path) -> dict:
-    """GSE149383 cells and a genes table built like the store's (position, symbol, ensembl_id)."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(shared_dir / DATA)
-    ens: dict[str, str] = {}
-    with open(shared_dir / ID_MAP) as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["ensembl_id"] and row["symbol"] not in ens:
-                ens[row["symbol"]] = row["ensembl_id"]
-    symbols = [str(s) for s in adata.var_names]
-    genes = pd.DataFrame(
-        {
-            "position": np.arange(len(symbols), dtype=np.int32),
-            "symbol": symbols,
-            "ensembl_id": [ens.get(s) for s in symbols],
-        }
-    )
-    return {"adata": adata, "genes": genes, "X": adata.X.tocsr(), "symbols": symbols}
-
-
-def _cells(real: dict, rows: list[int]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    x = real["X"]
-    ids = np.asarray(real["adata"].obs_names[rows])
-    gi = [x.indices[x.indptr[r] : x.indptr[r + 1]].astype(np.int32) for r in rows]
-    vals = [x.data[x.indptr[r] : x.indptr[r + 1]].astype(np.float32) for r in rows]
-    return ids, gi, vals
+def real(pc9: dict, shared_dir: Path) -> dict:
+    return {**pc9}
 
 
 @pytest.fixture(scope="module")
