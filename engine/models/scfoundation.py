@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 
 log = logging.getLogger(__name__)
@@ -326,23 +327,11 @@ class AutoDiscretizationEmbedding(nn.Module):
         return torch.where(attention_mask.unsqueeze(-1), out, self.emb_pad.weight[0])
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with the math of ``nn.MultiheadAttention`` through SDPA."""
+class SelfAttention(SdpaSelfAttention):
+    """Multi-head self-attention with the math of ``nn.MultiheadAttention`` through SDPA; the stacked
+    projection is stored under the official keys self_attn.in_proj_weight / in_proj_bias."""
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.in_proj = nn.Linear(dim, 3 * dim)  # official keys self_attn.in_proj_weight / in_proj_bias
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.in_proj(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+    qkv_name = "in_proj"
 
 
 class EncoderLayer(nn.Module):

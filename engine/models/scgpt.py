@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 
 log = logging.getLogger(__name__)
@@ -329,25 +330,12 @@ class ContinuousValueEncoder(nn.Module):
         return self.dropout(self.norm(self.linear2(F.relu(self.linear1(x)))))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(SdpaSelfAttention):
     """Multi-head self-attention with flash-attn FlashMHA's parameters (``Wqkv``: q, k, v stacked, heads
     contiguous inside each, as ``nn.MultiheadAttention.in_proj``; ``out_proj``), computed by SDPA
     (scale 1/sqrt(head_dim), padded keys masked). Both projections are called in forward (LoRA targets)."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
-        super().__init__()
-        self.nhead = nhead
-        self.dropout = dropout
-        self.Wqkv = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.Wqkv(x).view(b, n, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+    qkv_name = "Wqkv"
 
 
 class EncoderLayer(nn.Module):
