@@ -74,6 +74,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -361,24 +362,6 @@ def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
                 f"Geneformer checkpoint {path}: {key} has shape {list(got)} but config.json implies {list(want)}"
             )
     return {k: v for k, v in state.items() if k not in TIED_KEYS and k not in LEGACY_BUFFERS}
-
-
-def read_state_dict(path: Path) -> dict[str, Any]:
-    """Tensors of model.safetensors or pytorch_model.bin (weights only, never arbitrary pickles)."""
-    import torch
-
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors, zip and unpickling errors all mean the same to a user
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"checkpoint file {path} does not hold a state dict of tensors")
-    return state
 
 
 def _truncated_bert(bert: Any, n_layers: int) -> Any:

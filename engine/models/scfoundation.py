@@ -56,9 +56,7 @@ import copy
 import gzip
 import logging
 import math
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,6 +69,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -520,20 +519,11 @@ def _read_container(path: Path) -> Any:
             f"file from biomap-research/scFoundation model/models/); found: "
             f"{', '.join(sorted(p.name for p in path.parent.iterdir())) or 'nothing'}"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            what = found.group(1) if found else "non-tensor Python objects"
-            raise UserError(
-                f"{path} holds Python objects ({what}) that cannot be loaded safely (torch.load weights_only); "
-                "re-save it as plain dicts of tensors, strings and numbers with the same structure "
-                "({'gene'|'cell'|'rde': {'config': dict, 'state_dict': {name: tensor}}})"
-            ) from None
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({err.__class__.__name__})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({str(err).splitlines()[0][:120]})") from None
+    return load_weights_file(
+        path,
+        "re-save it as plain dicts of tensors, strings and numbers with the same structure "
+        "({'gene'|'cell'|'rde': {'config': dict, 'state_dict': {name: tensor}}})",
+    )
 
 
 def _short(keys: list[str], n: int = 5) -> str:

@@ -75,9 +75,7 @@ import gzip
 import hashlib
 import json
 import logging
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,6 +89,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -526,23 +525,6 @@ def check_checkpoint_dir(path: Path) -> None:
         )
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load(weights_only=True), memory-mapped for zip files; any failure is a UserError naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            what = found.group(1) if found else "non-tensor Python objects"
-            raise UserError(
-                f"{path} holds Python objects ({what}) that cannot be loaded safely (torch.load weights_only); "
-                "save the model's state dict only (torch.save(model.state_dict(), 'best_model.pt'))"
-            ) from None
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({err.__class__.__name__})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({str(err).splitlines()[0][:120]})") from None
-
-
 def canonical_keys(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """Official flash-attn names: ``self_attn.in_proj_weight|bias`` (scGPT's renamed form) ->
     ``self_attn.Wqkv.weight|bias``; both forms of one tensor in the same file is an error."""
@@ -562,7 +544,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[s
     cfg = config_from_args(read_args(ckpt_dir / ARGS_FILE))
     vocab = read_vocab(ckpt_dir / VOCAB_FILE)
     path = ckpt_dir / CHECKPOINT_FILE
-    raw = _torch_load(path)
+    raw = load_weights_file(path, "save the model's state dict only (torch.save(model.state_dict(), 'best_model.pt'))")
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise UserError(
             f"{path} is not an official scGPT best_model.pt: expected a plain state dict (parameter name -> "

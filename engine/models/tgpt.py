@@ -84,10 +84,8 @@ import functools
 import json
 import logging
 import math
-import pickle
 import re
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -97,6 +95,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -519,32 +518,6 @@ def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
                 f"{list(shapes[name])}"
             )
     return body
-
-
-def read_state_dict(path: Path) -> dict[str, Any]:
-    """Tensors of model.safetensors or pytorch_model.bin (weights only, never arbitrary pickles)."""
-    import torch
-
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            raise UserError(
-                f"{path} holds Python objects that cannot be loaded safely (torch.load weights_only); save the "
-                "model's state dict only"
-            ) from None
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({type(err).__name__})") from None
-    except Exception as err:  # safetensors, zip and unpickling errors all mean the same to a user
-        first = str(err).splitlines()[0][:160] if str(err) else ""
-        raise UserError(f"truncated or corrupt checkpoint file {path} ({type(err).__name__}: {first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"checkpoint file {path} does not hold a state dict of tensors")
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -1,0 +1,47 @@
+"""Reading weight files safely: ``torch.load(weights_only=True)`` (memory-mapped for zip archives) or
+safetensors, never arbitrary pickles. Every failure is one UserError naming the file."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+def load_weights_file(path: Path, resave_hint: str) -> Any:
+    """The file's contents. ``resave_hint`` tells how to re-save a file that holds Python objects
+    beyond tensors, strings and numbers (which weights_only refuses)."""
+    import torch
+
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = found.group(1) if found else "non-tensor Python objects"
+            raise UserError(
+                f"{path} holds Python objects ({what}) that cannot be loaded safely (torch.load weights_only); "
+                f"{resave_hint}"
+            ) from None
+        raise UserError(f"truncated or corrupt checkpoint file {path} ({type(err).__name__})") from None
+    except Exception as err:  # safetensors, zip and unpickling errors all mean the same to a user
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        raise UserError(f"truncated or corrupt checkpoint file {path} ({type(err).__name__}: {first})") from None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """A plain state dict (name -> tensor) from a .safetensors or torch file."""
+    import torch
+
+    state = load_weights_file(path, "save the model's state dict only")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint file {path} does not hold a state dict of tensors")
+    return state
