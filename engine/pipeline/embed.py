@@ -128,10 +128,6 @@ def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray
     return {"cell_id": block["cell_id"], "embedding": result, "n_tokens": lengths, "padded_tokens": padded}
 
 
-def _iterate(ds: Any) -> Iterator[dict[str, np.ndarray]]:
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-
-
 def _keep_cells(batch: dict[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
     mask = np.fromiter((c in wanted for c in batch["cell_id"]), dtype=bool, count=len(batch["cell_id"]))
     return {k: v[mask] for k, v in batch.items()}
@@ -198,20 +194,19 @@ def embed_store(
     row_of = {cid: i for i, cid in enumerate(wanted)}
     out: np.ndarray | None = None
     stats = {"tokens": 0, "padded_tokens": 0}
-    try:
-        batches = list(_iterate(ds))
+    try:  # filled as batches stream in: memory holds the output, not a second copy of it
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            emb = np.stack(batch["embedding"]) if batch["embedding"].dtype == object else batch["embedding"]
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[[row_of[c] for c in batch["cell_id"]]] = emb
+            stats["tokens"] += int(batch["n_tokens"].sum())
+            stats["padded_tokens"] += int(batch["padded_tokens"].sum())
     except Exception as err:
         user = _user_error_in(err)
         if user is not None:
             raise user from None
         raise
-    for batch in batches:
-        emb = np.stack(batch["embedding"]) if batch["embedding"].dtype == object else batch["embedding"]
-        if out is None:
-            out = np.empty((n, emb.shape[1]), dtype=np.float32)
-        out[[row_of[c] for c in batch["cell_id"]]] = emb
-        stats["tokens"] += int(batch["n_tokens"].sum())
-        stats["padded_tokens"] += int(batch["padded_tokens"].sum())
     assert out is not None, "empty store"
     return (out, stats) if return_stats else out
 
