@@ -253,6 +253,10 @@ _BUILTIN: dict[str, str] = {
     "tgpt": "tgpt",
     "scgpt": "scgpt",
     "scfoundation": "scfoundation",
+    "uce": "uce",
+    "scbert": "scbert",
+    "cellplm": "cellplm",
+    "celllm": "celllm",
 }
 
 
