@@ -439,5 +439,78 @@ def bench_embed(
     _say(f"speedup_vs_naive={res['speedup_vs_naive']:.2f} max_abs_diff={res['max_abs_diff']:.2e}")
 
 
+def _lora_settings(seed: int, **given: Any) -> Any:
+    from scdrugmap_ray.engine.train.lora import LoraSettings
+
+    return LoraSettings.from_options({k: v for k, v in given.items() if v is not None}, seed=seed)
+
+
+@app.command()
+def finetune(
+    store: Annotated[Path, typer.Argument(help="A cell store directory with labelled cells.")],
+    model: Annotated[str, typer.Option(help="Model name.")],
+    out: Annotated[Path, typer.Option(help="Output directory; the same one again resumes a killed run.")],
+    checkpoint: Checkpoint = None,
+    preset: Preset = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping on validation loss).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker (NCCL, bf16).")] = False,
+    r: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 8).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="LoRA target module suffix (repeatable).")] = None,
+    batch_cells: Annotated[int | None, typer.Option(help="Cells per optimizer step, all workers.")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per micro-batch on one worker.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations (long sequences).")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of samples (or cells) held out for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
+) -> None:
+    """Fine-tune a foundation model with LoRA + a classifier head on all labelled cells of a store."""
+    from scdrugmap_ray.engine.data.splits import train_val_split
+    from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.train.lora import finetune as run_finetune
+
+    fm = _foundation_model(model, checkpoint, preset)
+    settings = _lora_settings(
+        epochs=epochs, workers=workers, use_gpu=gpu or None, r=r, alpha=alpha, dropout=dropout, targets=target,
+        batch_cells=batch_cells, batch_tokens=batch_tokens, gradient_checkpointing=gradient_checkpointing or None,
+        seed=seed,
+    )
+    cells = CellStore.open(store)
+    obs = cells.obs()
+    train_rows, val_rows = train_val_split(obs, val_fraction, seed)
+    labels = obs["label"].to_numpy()
+    ids = obs["cell_id"].astype(str).to_numpy()
+    res = run_finetune(
+        fm, cells,
+        {ids[i]: int(labels[i]) for i in train_rows}, {ids[i]: int(labels[i]) for i in val_rows},
+        out, settings,
+    )
+    m = res.metrics
+    _say(f"trained {m['epochs_run']} epochs (best {m['best_epoch']}, validation loss {m['best_val_loss']:.4f}); "
+         f"model in {res.model_dir}")
+
+
+@bench_app.command("finetune")
+def bench_finetune(
+    model: Annotated[str, typer.Option(help="Model name.")],
+    data: Annotated[Path, typer.Option(help="A cell store directory with labelled cells.")],
+    checkpoint: Checkpoint = None,
+    preset: Preset = None,
+    cells: Annotated[int, typer.Option(help="Training cells.")] = 256,
+    workers: Annotated[list[int] | None, typer.Option(help="Worker counts to compare (repeatable).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per run (the first warms up).")] = 2,
+    batch_cells: Annotated[int, typer.Option(help="Cells per optimizer step, all workers.")] = 32,
+    gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker.")] = False,
+) -> None:
+    """LoRA training throughput (cells/s per worker and in all) for 1 vs N Ray Train workers."""
+    from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.pipeline.bench import bench_finetune as run_bench
+
+    fm = _foundation_model(model, checkpoint, preset)
+    for line in run_bench(fm, CellStore.open(data), cells, workers or [1, 2], epochs, batch_cells, gpu):
+        _say(line)
+
+
 if __name__ == "__main__":
     app()

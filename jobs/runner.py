@@ -31,7 +31,7 @@ from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, 
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
 from scdrugmap_ray.engine.pipeline.embed import read_embeddings, write_embeddings
-from scdrugmap_ray.engine.train.frozen import run_frozen_fold
+from scdrugmap_ray.engine.train.frozen import FoldOutcome, run_frozen_fold
 
 from .planner import Unit, model_key, plan_units
 from .spec import BenchmarkSpec, DataSpec
@@ -138,13 +138,21 @@ def _fold_task(
     n_boot: int,
     random_weights: bool,
 ) -> str:
-    """Train and evaluate one fold; write predictions, breakdowns, then the result row."""
+    """Train and evaluate one frozen fold; write predictions, breakdowns, then the result row."""
     store = CellStore.open(store_path)
     model = get_model(unit.model.name, unit.model.options)
     embedding = read_embeddings(Path(emb_path)) if emb_path else None
     out = run_frozen_fold(
         model, store, obs, fold, unit.head, unit.model.head_options, unit.seed, embedding
     )
+    return write_fold(unit, fold, obs, out, run_dir, n_boot, random_weights)
+
+
+def write_fold(
+    unit: Unit, fold: Fold, obs: pd.DataFrame, out: FoldOutcome, run_dir: str, n_boot: int, random_weights: bool
+) -> str:
+    """Metrics, bootstrap intervals and breakdowns of one fold's test predictions, written atomically
+    (predictions, breakdowns, then the result row: a fold with a result row is finished)."""
     meta_cols = [c for c in METADATA_COLUMNS if c in obs.columns]
     preds = obs.loc[out.test_rows, ["cell_id", *meta_cols]].reset_index(drop=True)
     preds.insert(1, "fold", fold.fold)
@@ -197,6 +205,49 @@ def _fold_task(
         with atomic_file(files[key]) as tmp:
             frame.to_parquet(tmp, index=False)
     return unit.unit_id
+
+
+def lora_settings(spec: BenchmarkSpec, m: Any, head: str, seed: int) -> Any:
+    """The LoRA settings of one model entry: the benchmark's ``lora:`` block, then the model's own;
+    the head is scDrugMap's MLP (``mlp``) or a linear layer (``logreg``)."""
+    from scdrugmap_ray.engine.train.lora import LoraSettings
+
+    opts = {"hidden": 512 if head == "mlp" else 0, **spec.lora, **m.lora}
+    return LoraSettings.from_options(opts, seed=seed)
+
+
+def _run_lora_fold(
+    unit: Unit, fold: Fold, store: CellStore, obs: pd.DataFrame, spec: BenchmarkSpec, run_dir: Path,
+    random_weights: bool,
+) -> None:
+    """Fine-tune on the fold's training cells (validation picks the epoch), predict its test cells."""
+    import time
+
+    from scdrugmap_ray.engine.train.lora import finetune, predict_finetuned, remove_training_state
+
+    fm = get_model(unit.model.name, unit.model.options)
+    settings = lora_settings(spec, unit.model, unit.head, unit.seed)
+    ids = obs["cell_id"].astype(str).to_numpy()
+    labels = obs["label"].to_numpy()
+    out_dir = run_dir / "units" / unit.unit_id / f"{unit.fold_id(fold)}.lora"
+    t0 = time.perf_counter()
+    res = finetune(
+        fm, store,  # type: ignore[arg-type]
+        {ids[i]: int(labels[i]) for i in fold.train}, {ids[i]: int(labels[i]) for i in fold.val},
+        out_dir, settings,
+    )
+    t1 = time.perf_counter()
+    p, _ = predict_finetuned(res.model_dir, store, [ids[i] for i in fold.test], settings.batch_tokens)
+    t2 = time.perf_counter()
+    info = {k: v for k, v in res.metrics.items() if k != "history"}
+    info.update(strategy="lora", model_dir=str(res.model_dir), r=settings.r, alpha=settings.alpha,
+                workers=settings.workers, last_epoch=res.metrics["history"][-1] if res.metrics["history"] else {})
+    outcome = FoldOutcome(
+        test_rows=fold.test, y_true=labels[fold.test].astype(np.int64), p_sensitive=p, train_info=info,
+        fit_seconds=t1 - t0, predict_seconds=t2 - t1,
+    )
+    write_fold(unit, fold, obs, outcome, str(run_dir), spec.evaluation.bootstrap, random_weights)
+    remove_training_state(out_dir)  # the model stays; the resumable state is no longer needed
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -284,13 +335,23 @@ def run_benchmark(
     for data_name, store in stores.items():
         for m in spec.models:
             model = models[model_key(m)]
-            if isinstance(model, EmbeddingModel) and any(u.data == data_name and u.model == m for u, _ in todo):
+            needed = any(u.data == data_name and u.model == m and u.strategy == "frozen" for u, _ in todo)
+            if isinstance(model, EmbeddingModel) and needed:
                 log.info("embedding %s with %s", data_name, m.name)
                 emb_paths[(data_name, model_key(m))] = ensure_embedding(model, store, cache)
 
+    lora_todo = [(u, f) for u, f in todo if u.strategy == "lora"]
+    todo = [(u, f) for u, f in todo if u.strategy != "lora"]
     obs_refs = {name: ray.put(obs) for name, obs in obs_by_data.items()}
-    with _progress(len(todo), progress) as bar:
-        task = bar.add_task("folds", total=len(todo))
+    with _progress(len(todo) + len(lora_todo), progress) as bar:
+        task = bar.add_task("folds", total=len(todo) + len(lora_todo))
+        # LoRA folds train with Ray Train from the driver, one after another: each needs the workers'
+        # resources for itself, so it must not run inside a task that already holds some.
+        for unit, fold in lora_todo:
+            store = stores[unit.data]
+            _run_lora_fold(unit, fold, store, obs_by_data[unit.data], spec, run_dir,
+                           models[model_key(unit.model)].random_weights)
+            bar.advance(task)
         refs = []
         for unit, fold in todo:
             emb = emb_paths.get((unit.data, model_key(unit.model)))

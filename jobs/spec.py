@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import HEADS, cache_root
 
-STRATEGIES = ("frozen",)
+STRATEGIES = ("frozen", "lora")
 
 
 class _Strict(BaseModel):
@@ -69,6 +69,7 @@ class ModelSpec(_Strict):
     head: Literal["mlp", "logreg"] | None = None
     options: dict[str, Any] = {}
     head_options: dict[str, Any] = {}
+    lora: dict[str, Any] = {}  # this model's LoRA settings (over the benchmark's lora block)
 
 
 class PooledSpec(_Strict):
@@ -119,6 +120,7 @@ class BenchmarkSpec(_Strict):
     evaluation: EvaluationSpec
     seeds: list[int] = Field([0], min_length=1)
     resources: ResourcesSpec = ResourcesSpec()
+    lora: dict[str, Any] = {}  # LoRA settings of every model (r, alpha, dropout, epochs, workers, ...)
     output: str | None = None
     cache: str | None = None
 
@@ -196,7 +198,25 @@ def parse_spec(data: Any, source: str = "benchmark") -> BenchmarkSpec:
     for m in spec.models:
         if m.head is not None and m.head not in HEADS:
             raise UserError(f"{source}: model {m.name!r}: unknown head {m.head!r} (heads: {', '.join(HEADS)})")
+        if "lora" in spec.strategies:
+            _check_lora(spec, m, source)
     return spec
+
+
+def _check_lora(spec: BenchmarkSpec, m: ModelSpec, source: str) -> None:
+    from scdrugmap_ray.engine.models.base import FoundationModel, model_class
+    from scdrugmap_ray.engine.train.lora import LoraSettings
+
+    cls = model_class(m.name) if ":" not in m.name else None
+    if cls is None or not issubclass(cls, FoundationModel):
+        raise UserError(
+            f"{source}: model {m.name!r} cannot do strategy 'lora' (it has no transformer to adapt); list it in "
+            "a benchmark with strategies: [frozen], or fine-tune a foundation model"
+        )
+    try:
+        LoraSettings.from_options({**spec.lora, **m.lora})
+    except UserError as err:
+        raise UserError(f"{source}: model {m.name!r}: {err}") from None
 
 
 def load_spec(path: str | Path) -> BenchmarkSpec:

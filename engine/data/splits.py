@@ -285,3 +285,24 @@ def cross_data_folds(
                 ds, k,
             ))
     return folds
+
+
+# ------------------------------------------------------------------------------------ train / val
+
+
+def train_val_split(
+    obs: pd.DataFrame, val_fraction: float = 0.1, seed: int = 0, by: str = "sample"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows) of all labelled cells, for a single training run (``finetune``):
+    whole samples go to validation when the data has samples (``by="sample"``), else cells."""
+    lab = _labelled(obs)
+    rows, y = _rows(lab.index), lab.loc[_rows(lab.index), "y"].to_numpy()
+    _require_two_classes(y, "the labelled cells", "label both classes")
+    rng = _rng(seed, "train_val")
+    if by == "sample" and "sample" in lab.columns and lab["sample"].notna().all():
+        groups = _sample_groups(lab, "the validation split").loc[rows].to_numpy()
+        val = _carve_val_samples(rows, groups, y, val_fraction, rng)
+    else:
+        val = _carve_val_cells(rows, y, val_fraction, rng)
+    train = np.setdiff1d(rows, val)
+    return train, np.sort(val)

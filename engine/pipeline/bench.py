@@ -144,3 +144,37 @@ def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch
         "speedup_vs_naive": engine.cells_per_s / naive.cells_per_s,
         "max_abs_diff": diff,
     }
+
+
+def bench_finetune(
+    model: FoundationModel, store: CellStore, n_cells: int, worker_counts: list[int], epochs: int = 2,
+    batch_cells: int = 32, use_gpu: bool = False,
+) -> list[str]:
+    """Train LoRA on the same cells with each worker count; the last epoch's speed is reported (the
+    first includes start-up). Returns printable lines."""
+    import tempfile
+    from pathlib import Path
+
+    from ..train.lora import LoraSettings, finetune
+
+    obs = store.obs(["cell_id", "label"])
+    lab = obs[obs["label"].notna()].head(n_cells + max(8, n_cells // 8))
+    ids, y = lab["cell_id"].astype(str).tolist(), lab["label"].astype(int).tolist()
+    train, val = dict(zip(ids[:n_cells], y[:n_cells], strict=True)), dict(zip(ids[n_cells:], y[n_cells:], strict=True))
+    lines = []
+    for workers in worker_counts:
+        settings = LoraSettings(epochs=epochs, workers=workers, batch_cells=batch_cells, use_gpu=use_gpu,
+                                patience=epochs)
+        with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
+            t0 = time.perf_counter()
+            res = finetune(model, store, train, val, Path(tmp) / "run", settings)
+            wall = time.perf_counter() - t0
+        last = res.metrics["history"][-1]
+        per = last["cells_per_s_per_worker"]
+        lines.append(
+            f"model={model.name} workers={workers} cells={len(train)} epochs={epochs} "
+            f"cells_per_s_per_worker={per} cells_per_s_total={sum(per):.1f} "
+            f"tokens_per_s_total={sum(last['tokens_per_s_per_worker']):.0f} wall_s={wall:.1f} "
+            f"peak_rss_mb={rss.peak / 2**20:.0f}"
+        )
+    return lines

@@ -67,9 +67,13 @@ class EmbedActor:
     """Holds one model copy; embeds blocks of tokenized cells in token-budget batches."""
 
     def __init__(self, model_name: str, options: dict[str, Any], device: str, dtype: str | None,
-                 batch_tokens: int) -> None:
+                 batch_tokens: int, finetuned: str | None = None, cpu_threads: int | None = None) -> None:
         import torch
 
+        if device == "cpu" and cpu_threads:
+            # Ray gives an actor one OpenMP thread (its num_cpus); on CPU the model should use the
+            # cores the pool is meant to have.
+            torch.set_num_threads(cpu_threads)
         from ..models.base import get_model
 
         self.model = get_model(model_name, options)
@@ -80,7 +84,12 @@ class EmbedActor:
         # and raise it from the first task, whose error Ray Data hands back to the driver.
         self.error: UserError | None = None
         try:
-            self.module = self.model.load(device=device, dtype=self.dtype)  # type: ignore[attr-defined]
+            if finetuned:  # a LoRA fine-tuned model: the backbone with its adapter merged in
+                from ..train.lora import load_finetuned
+
+                self.model, self.module, _ = load_finetuned(Path(finetuned), device, self.dtype)  # type: ignore[assignment]
+            else:
+                self.module = self.model.load(device=device, dtype=self.dtype)  # type: ignore[attr-defined]
         except UserError as err:
             self.error = err
 
@@ -154,11 +163,12 @@ def embed_store(
     block_cells: int = 1024,
     cell_ids: Sequence[str] | None = None,
     return_stats: bool = False,
+    finetuned: str | None = None,
 ) -> Any:
     """float32 [n_cells, d] embeddings in store row order, computed on the current Ray cluster.
 
     ``cell_ids`` embeds only those cells, in that order (benchmarks); ``return_stats`` also returns
-    token counts.
+    token counts; ``finetuned`` (a LoRA model directory) embeds with the fine-tuned backbone.
     """
     import ray
     import torch
@@ -174,6 +184,7 @@ def embed_store(
     if device == "cuda" and dtype is None:
         dtype = "bfloat16"
     num_actors = num_actors or max(1, gpus if device == "cuda" else 1)
+    cpu_threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
 
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
     if cell_ids is not None:
@@ -185,7 +196,7 @@ def embed_store(
     ds = ds.map_batches(tokenize_rows, fn_args=(tokenizer,), batch_size=block_cells, batch_format="numpy")
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_args=(model.name, model.options, device, dtype, batch_tokens),
+        fn_constructor_args=(model.name, model.options, device, dtype, batch_tokens, finetuned, cpu_threads),
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=1 if device == "cuda" else 0,
         batch_size=block_cells,
