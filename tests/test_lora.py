@@ -191,3 +191,25 @@ def test_finetune_cli_bad_target_is_one_line(lora_store, tmp_path: Path) -> None
     assert last.startswith("error: LoRA target 'nope' matches no linear module"), done.stderr[-1500:]
     assert "Traceback" not in done.stderr
     assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["scfoundation", "celllm"])
+def test_gradient_checkpointing_gives_the_same_gradients(name: str, pc9: dict) -> None:
+    from scdrugmap_ray.engine.train.lora import enable_gradient_checkpointing
+
+    fm, batch, probe = _tiny_batch(name, pc9, [0, 1])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone = fm.load()
+        add_lora(fm, backbone, LoraSettings(dropout=0.0), probe)
+        if checkpointing:
+            assert enable_gradient_checkpointing(backbone) >= 2  # the layer stack of the tiny preset
+        clf = make_classifier(fm, backbone, build_head(int(fm.embed(backbone, batch).shape[1]), 8, 0.0))
+        for p in clf.parameters():  # a non-zero adapter, so every LoRA weight gets a gradient
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        F.cross_entropy(clf(batch), torch.tensor([0, 1])).backward()
+        grads.append({n: p.grad.clone() for n, p in clf.named_parameters() if p.requires_grad})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
