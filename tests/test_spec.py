@@ -57,8 +57,8 @@ def test_bad_values_are_one_line() -> None:
     with pytest.raises(UserError) as err:
         parse_spec({**MINIMAL, "evaluation": {"pooled": {"folds": 1}}})
     assert "\n" not in str(err.value) and "folds" in str(err.value)
-    with pytest.raises(UserError, match="strategy 'lora' is not available"):
-        parse_spec({**MINIMAL, "strategies": ["lora"]})
+    with pytest.raises(UserError, match="strategy 'finetune' is not available"):
+        parse_spec({**MINIMAL, "strategies": ["finetune"]})
     with pytest.raises(UserError, match="exactly one of 'path' or 'simulate'"):
         parse_spec({**MINIMAL, "data": [{"label_key": "x"}]})
     with pytest.raises(UserError, match="at least one of 'pooled' or 'cross_data'"):
