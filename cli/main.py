@@ -242,7 +242,7 @@ def _print_summary(run_dir: Path) -> None:
     if random:
         _say(f"WARNING: RANDOM WEIGHTS (not pretrained) for {', '.join(random)}: their scores mean nothing")
     res = pd.read_parquet(run_dir / "results.parquet")
-    keys = ["model", "head", "scheme", "split", "few_shot_k"]
+    keys = ["model", "head", "strategy", "scheme", "split", "few_shot_k"]
     table = res.groupby(keys, dropna=False)[["f1", "auroc", "auprc"]].mean().round(3).reset_index()
     _say(table.to_string(index=False))
     _say(f"results: {run_dir / 'results.parquet'}")
@@ -428,10 +428,15 @@ def bench_embed(
     batch_tokens: Annotated[int, typer.Option(help="Engine tokens per batch.")] = 16384,
     naive_batch: Annotated[int, typer.Option(help="Cells per batch of the naive loop.")] = 8,
 ) -> None:
-    """Engine vs the naive loop (fixed batches padded to the maximum, fp32): cells/s, padding, memory."""
+    """Engine vs the naive loop (fixed batches padded to the maximum, fp32): cells/s, padding, memory.
+    For llama: vLLM vs the transformers backend on the same checkpoint and cells."""
     from scdrugmap_ray.engine.data.store import CellStore
     from scdrugmap_ray.engine.pipeline.bench import bench_embed as run_bench
 
+    if model == "llama":
+        from .llm import bench_llama_cli
+
+        return bench_llama_cli(data, checkpoint, preset, cells, batch_tokens, _say)
     fm = _foundation_model(model, checkpoint, preset)
     res = run_bench(fm, CellStore.open(data), cells, batch_tokens=batch_tokens, naive_batch_cells=naive_batch)
     _say(res["engine"]["line"])  # type: ignore[index]
@@ -510,6 +515,22 @@ def bench_finetune(
     fm = _foundation_model(model, checkpoint, preset)
     for line in run_bench(fm, CellStore.open(data), cells, workers or [1, 2], epochs, batch_cells, gpu):
         _say(line)
+
+
+# Model registry, atlas-scale predict and the server (cli/serve.py).
+from .serve import register as _register_serve  # noqa: E402
+
+_register_serve(app, models_app, bench_app)
+
+# Gene attributions, DE, biomarkers and resistance analysis of a run (cli/explain.py).
+from .explain import register as _register_explain  # noqa: E402
+
+_register_explain(app)
+
+# The LLM arm: zero/few-shot prompting of a store's cells (cli/llm.py).
+from .llm import register as _register_llm  # noqa: E402
+
+_register_llm(app, bench_app)
 
 
 if __name__ == "__main__":

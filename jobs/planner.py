@@ -17,7 +17,7 @@ import pandas as pd
 from scdrugmap_ray.engine.data.splits import Fold, cross_data_folds, pooled_folds
 from scdrugmap_ray.engine.models.base import get_model
 
-from .spec import BenchmarkSpec, ModelSpec
+from .spec import PROMPT_STRATEGIES, BenchmarkSpec, ModelSpec, can_run
 
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -80,12 +80,15 @@ def plan_units(spec: BenchmarkSpec, obs_by_data: dict[str, pd.DataFrame]) -> lis
             schemes = plan_folds(spec, obs, seed)
             for m in spec.models:
                 head = m.head or get_model(m.name, m.options).default_head
-                for strategy in spec.strategies:
+                for strategy in m.strategies or spec.strategies:
+                    if not can_run(m.name, strategy):
+                        continue  # e.g. an embedding model in a prompted strategy: the other strategies run
+                    h = "prompt" if strategy in PROMPT_STRATEGIES else head
                     for scheme, split, folds in schemes:
                         unit_id = ".".join(
-                            [slug(data_name), model_key(m), head, strategy, f"{scheme}-{split}", f"seed{seed}"]
+                            [slug(data_name), model_key(m), h, strategy, f"{scheme}-{split}", f"seed{seed}"]
                         )
-                        units.append(Unit(unit_id, data_name, m, head, strategy, scheme, split, seed, folds))
+                        units.append(Unit(unit_id, data_name, m, h, strategy, scheme, split, seed, folds))
     ids = [u.unit_id for u in units]
     assert len(ids) == len(set(ids)), "unit ids must be unique"
     return units

@@ -34,7 +34,7 @@ from scdrugmap_ray.engine.pipeline.embed import read_embeddings, write_embedding
 from scdrugmap_ray.engine.train.frozen import FoldOutcome, run_frozen_fold
 
 from .planner import Unit, model_key, plan_units
-from .spec import BenchmarkSpec, DataSpec
+from .spec import PROMPT_STRATEGIES, BenchmarkSpec, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,17 @@ def _fold_task(
     store = CellStore.open(store_path)
     model = get_model(unit.model.name, unit.model.options)
     embedding = read_embeddings(Path(emb_path)) if emb_path else None
+    # the fitted head (and a baseline's featurizer) is kept for `scdrugmap-ray models register`
+    model_dir = Path(run_dir) / "units" / unit.unit_id / f"{unit.fold_id(fold)}.model"
     out = run_frozen_fold(
-        model, store, obs, fold, unit.head, unit.model.head_options, unit.seed, embedding
+        model, store, obs, fold, unit.head, unit.model.head_options, unit.seed, embedding, save_dir=model_dir
     )
     return write_fold(unit, fold, obs, out, run_dir, n_boot, random_weights)
 
 
 def write_fold(
-    unit: Unit, fold: Fold, obs: pd.DataFrame, out: FoldOutcome, run_dir: str, n_boot: int, random_weights: bool
+    unit: Unit, fold: Fold, obs: pd.DataFrame, out: FoldOutcome, run_dir: str, n_boot: int, random_weights: bool,
+    extra_row: dict[str, Any] | None = None, extra_preds: dict[str, Any] | None = None,
 ) -> str:
     """Metrics, bootstrap intervals and breakdowns of one fold's test predictions, written atomically
     (predictions, breakdowns, then the result row: a fold with a result row is finished)."""
@@ -159,6 +162,8 @@ def write_fold(
     preds.insert(2, "y_true", out.y_true.astype(np.int8))
     preds.insert(3, "p_sensitive", out.p_sensitive.astype(np.float32))
     preds.insert(4, "y_pred", (out.p_sensitive >= 0.5).astype(np.int8))
+    for i, (col, values) in enumerate((extra_preds or {}).items()):  # e.g. a prompted cell's answer
+        preds.insert(5 + i, col, values)
 
     ident = {
         "unit_id": unit.unit_id,
@@ -194,6 +199,7 @@ def write_fold(
         random_weights=random_weights,
         train_info=json.dumps(out.train_info, default=str),
     )
+    row.update(extra_row or {})
     bd = breakdown(preds, by=[c for c in ("dataset", "cancer_type", "tissue", "therapy", "regimen") if c in preds])
     for k, v in reversed(list(ident.items())):
         if k not in ("data", "split", "fold_name"):
@@ -248,6 +254,44 @@ def _run_lora_fold(
     )
     write_fold(unit, fold, obs, outcome, str(run_dir), spec.evaluation.bootstrap, random_weights)
     remove_training_state(out_dir)  # the model stays; the resumable state is no longer needed
+
+
+def _run_prompt_fold(
+    unit: Unit, fold: Fold, store: CellStore, obs: pd.DataFrame, spec: BenchmarkSpec, run_dir: Path,
+    backend: Any, random_weights: bool,
+) -> None:
+    """Prompt a chat model with each test cell (zero_shot, or few_shot with k training examples); an
+    unparseable answer is an abstention, counted in the row (n_abstain, abstain_rate) and kept."""
+    from scdrugmap_ray.engine.llm.predict import PromptSettings, predict_prompts
+
+    settings = PromptSettings.from_options(dict(spec.prompting))
+    res = predict_prompts(backend, store, obs, fold, unit.strategy, settings, unit.seed)
+    answered = ~res.abstained
+    extra: dict[str, Any] = {
+        "n_prompted": len(res.test_rows),
+        "n_abstain": int(res.abstained.sum()),
+        "abstain_rate": float(res.abstained.mean()) if len(res.test_rows) else np.nan,
+        "n_truncated": int((res.genes_dropped > 0).sum()),
+        "few_shot_examples": res.n_examples,
+        "llm_requests": res.usage.n_requests,
+        "llm_cached": res.usage.n_cached,
+        "llm_retries": res.usage.retries,
+        "prompt_tokens": res.usage.prompt_tokens,
+        "completion_tokens": res.usage.completion_tokens,
+        "cost_usd": res.usage.cost_usd,
+    }
+    # metrics over the answered cells only, beside those over all (abstentions scored 0.5)
+    sub = compute_metrics(res.y_true[answered], res.p_sensitive[answered]) if answered.any() else {}
+    for m in ("f1", "accuracy", "auroc"):
+        extra[f"{m}_answered"] = sub.get(m, np.nan)
+    outcome = FoldOutcome(
+        test_rows=res.test_rows, y_true=res.y_true, p_sensitive=res.p_sensitive,
+        train_info={"strategy": unit.strategy, "backend": backend.identity, **settings.__dict__, **res.info},
+        fit_seconds=0.0, predict_seconds=res.seconds,
+    )
+    preds = {"abstained": res.abstained, "abstain_reason": res.reasons, "answer": res.answers,
+             "genes_dropped": res.genes_dropped}
+    write_fold(unit, fold, obs, outcome, str(run_dir), spec.evaluation.bootstrap, random_weights, extra, preds)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -341,10 +385,11 @@ def run_benchmark(
                 emb_paths[(data_name, model_key(m))] = ensure_embedding(model, store, cache)
 
     lora_todo = [(u, f) for u, f in todo if u.strategy == "lora"]
-    todo = [(u, f) for u, f in todo if u.strategy != "lora"]
+    prompt_todo = [(u, f) for u, f in todo if u.strategy in PROMPT_STRATEGIES]
+    todo = [(u, f) for u, f in todo if u.strategy not in ("lora", *PROMPT_STRATEGIES)]
     obs_refs = {name: ray.put(obs) for name, obs in obs_by_data.items()}
-    with _progress(len(todo) + len(lora_todo), progress) as bar:
-        task = bar.add_task("folds", total=len(todo) + len(lora_todo))
+    with _progress(len(todo) + len(lora_todo) + len(prompt_todo), progress) as bar:
+        task = bar.add_task("folds", total=len(todo) + len(lora_todo) + len(prompt_todo))
         # LoRA folds train with Ray Train from the driver, one after another: each needs the workers'
         # resources for itself, so it must not run inside a task that already holds some.
         for unit, fold in lora_todo:
@@ -352,6 +397,19 @@ def run_benchmark(
             _run_lora_fold(unit, fold, store, obs_by_data[unit.data], spec, run_dir,
                            models[model_key(unit.model)].random_weights)
             bar.advance(task)
+        # Prompted folds run from the driver too: one chat backend per model (a vLLM engine in its own Ray
+        # actor, or an HTTP client with its own concurrency), shared by that model's folds.
+        from scdrugmap_ray.engine.llm.predict import chat_backend_of
+
+        for key in dict.fromkeys(model_key(u.model) for u, _ in prompt_todo):
+            backend = chat_backend_of(models[key], cache / "llm-responses")
+            try:
+                for unit, fold in (x for x in prompt_todo if model_key(x[0].model) == key):
+                    _run_prompt_fold(unit, fold, stores[unit.data], obs_by_data[unit.data], spec, run_dir,
+                                     backend, models[key].random_weights)
+                    bar.advance(task)
+            finally:
+                backend.close()
         refs = []
         for unit, fold in todo:
             emb = emb_paths.get((unit.data, model_key(unit.model)))
@@ -396,6 +454,10 @@ def run_benchmark(
     from .report import build_report
 
     build_report(run_dir)
+    if spec.explain is not None:
+        from .explain import explain_from_spec
+
+        explain_from_spec(spec, run_dir)
     return run_dir
 
 

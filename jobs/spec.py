@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models.base import HEADS, cache_root
 
-STRATEGIES = ("frozen", "lora")
+STRATEGIES = ("frozen", "lora", "zero_shot", "few_shot")
+#: strategies that prompt a chat model (settings in the benchmark's `prompting:` block)
+PROMPT_STRATEGIES = ("zero_shot", "few_shot")
 
 
 class _Strict(BaseModel):
@@ -70,6 +72,7 @@ class ModelSpec(_Strict):
     options: dict[str, Any] = {}
     head_options: dict[str, Any] = {}
     lora: dict[str, Any] = {}  # this model's LoRA settings (over the benchmark's lora block)
+    strategies: list[str] | None = None  # this model's strategies (default: the benchmark's it can run)
 
 
 class PooledSpec(_Strict):
@@ -112,6 +115,19 @@ class ResourcesSpec(_Strict):
     gpus_per_unit: float = Field(0, ge=0)
 
 
+class ExplainSpec(_Strict):
+    """``explain:`` block: explain a unit when the run finishes (see ``scdrugmap-ray explain --help``)."""
+
+    unit: str | None = None  # default: the best unit by mean AUROC
+    method: Literal["ig", "gxi"] = "ig"
+    max_cells: int = Field(1000, ge=1)
+    fm_max_cells: int = Field(64, ge=1)
+    de_max_cells: int = Field(2000, ge=1)
+    top: int = Field(20, ge=1)
+    workers: int = Field(1, ge=1)
+    out: str | None = None  # default: <run dir>/explain/<unit>
+
+
 class BenchmarkSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
     data: list[DataSpec] = Field(min_length=1)
@@ -121,6 +137,8 @@ class BenchmarkSpec(_Strict):
     seeds: list[int] = Field([0], min_length=1)
     resources: ResourcesSpec = ResourcesSpec()
     lora: dict[str, Any] = {}  # LoRA settings of every model (r, alpha, dropout, epochs, workers, ...)
+    prompting: dict[str, Any] = {}  # zero_shot/few_shot settings (k, context, top_k, max_test_cells, ...)
+    explain: ExplainSpec | None = None  # explain a unit at the end of the run
     output: str | None = None
     cache: str | None = None
 
@@ -198,9 +216,43 @@ def parse_spec(data: Any, source: str = "benchmark") -> BenchmarkSpec:
     for m in spec.models:
         if m.head is not None and m.head not in HEADS:
             raise UserError(f"{source}: model {m.name!r}: unknown head {m.head!r} (heads: {', '.join(HEADS)})")
-        if "lora" in spec.strategies:
+        if "lora" in (m.strategies or spec.strategies):
             _check_lora(spec, m, source)
+    _check_strategies(spec, source)
     return spec
+
+
+def can_run(model_name: str, strategy: str) -> bool:
+    """Whether a model can run a strategy: frozen needs features, lora a foundation model, zero/few-shot a
+    chat model. A benchmark runs each model with the listed strategies it can run."""
+    from scdrugmap_ray.engine.models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, model_class
+
+    if ":" in model_name:  # obsm:<key>, precomputed embeddings
+        return strategy == "frozen"
+    cls = model_class(model_name)
+    if strategy == "frozen":
+        return issubclass(cls, EmbeddingModel | FittedFeatureModel)
+    if strategy == "lora":  # a model may opt out (llama: its vLLM backend has no trainable module)
+        return issubclass(cls, FoundationModel) and getattr(cls, "supports_lora", True)
+    return hasattr(cls, "chat_backend")
+
+
+def _check_strategies(spec: BenchmarkSpec, source: str) -> None:
+    for m in spec.models:
+        for s in m.strategies or []:
+            if s not in STRATEGIES or not can_run(m.name, s):
+                raise UserError(f"{source}: model {m.name!r} cannot run strategy {s!r} (strategies: "
+                                f"{', '.join(STRATEGIES)}; zero_shot/few_shot need a chat model)")
+        if not any(can_run(m.name, s) for s in m.strategies or spec.strategies):
+            raise UserError(f"{source}: model {m.name!r} can run none of the strategies {spec.strategies} "
+                            "(zero_shot/few_shot need a chat model: llama or openai-chat; frozen needs embeddings)")
+    if any(s in PROMPT_STRATEGIES for m in spec.models for s in m.strategies or spec.strategies):
+        from scdrugmap_ray.engine.llm.predict import PromptSettings
+
+        try:
+            PromptSettings.from_options(dict(spec.prompting))
+        except (UserError, TypeError) as err:
+            raise UserError(f"{source}: prompting: {err}") from None
 
 
 def _check_lora(spec: BenchmarkSpec, m: ModelSpec, source: str) -> None:
@@ -208,11 +260,16 @@ def _check_lora(spec: BenchmarkSpec, m: ModelSpec, source: str) -> None:
     from scdrugmap_ray.engine.train.lora import LoraSettings
 
     cls = model_class(m.name) if ":" not in m.name else None
-    if cls is None or not issubclass(cls, FoundationModel):
-        raise UserError(
-            f"{source}: model {m.name!r} cannot do strategy 'lora' (it has no transformer to adapt); list it in "
-            "a benchmark with strategies: [frozen], or fine-tune a foundation model"
-        )
+    can = cls is not None and issubclass(cls, FoundationModel) and getattr(cls, "supports_lora", True)
+    if not can:
+        # In the benchmark's strategies a model runs those it can (a baseline beside LoRA'd models runs
+        # frozen); asked for by the model's own `strategies:`, it is an error.
+        if m.strategies and "lora" in m.strategies:
+            raise UserError(
+                f"{source}: model {m.name!r} cannot do strategy 'lora' (it has no transformer to adapt); "
+                "give it strategies: [frozen], or fine-tune a foundation model"
+            )
+        return
     try:
         LoraSettings.from_options({**spec.lora, **m.lora})
     except UserError as err:

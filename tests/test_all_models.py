@@ -60,9 +60,13 @@ def test_lora_beside_frozen_in_a_benchmark(ray_session: None, tmp_path: Path) ->
 
 def test_lora_refused_for_a_baseline(tmp_path: Path) -> None:
     raw = _config("lora.yaml", tmp_path)
-    raw["models"] = [{"name": "pca-logreg"}]
-    with pytest.raises(UserError, match="cannot do strategy 'lora'"):
+    raw["models"] = [{"name": "pca-logreg", "strategies": ["lora"]}]
+    with pytest.raises(UserError, match=r"cannot (do|run) strategy 'lora'"):
         parse_spec(raw, "lora.yaml")
+    # listed beside LoRA'd models under the benchmark's strategies, a baseline runs frozen only
+    raw = _config("lora.yaml", tmp_path)
+    raw["models"].append({"name": "pca-logreg"})
+    assert parse_spec(raw, "lora.yaml").models[-1].name == "pca-logreg"
     raw = _config("lora.yaml", tmp_path)
     raw["models"][0]["lora"] = {"rank": 4}
     with pytest.raises(UserError, match="unknown lora setting"):

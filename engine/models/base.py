@@ -257,6 +257,8 @@ _BUILTIN: dict[str, str] = {
     "scbert": "scbert",
     "cellplm": "cellplm",
     "celllm": "celllm",
+    "llama": "llama",
+    "openai-chat": "openai_chat",
 }
 
 

@@ -7,9 +7,11 @@ regularisation on the validation cells; the test cells are only ever predicted.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,10 @@ import pandas as pd
 
 from ..data.splits import Fold
 from ..data.store import CellStore
+from ..errors import UserError
+from ..fsutil import atomic_dir, write_json
 from ..models.base import EmbeddingModel, FittedFeatureModel, Model
-from .heads import make_head
+from .heads import Head, make_head
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +70,16 @@ def run_frozen_fold(
     head_options: dict[str, Any],
     seed: int,
     embedding: np.ndarray | None = None,
+    save_dir: Path | None = None,
 ) -> FoldOutcome:
+    """Train the fold's head (and the baseline's featurizer), predict its test cells; with ``save_dir``,
+    also write the fitted head and featurizer there (``save_fold_model``), for the model registry."""
     t0 = time.perf_counter()
     x_train, x_val, x_test = fold_features(model, store, fold, seed, embedding)
     head = make_head(head_name, **head_options)
     info = head.fit(x_train, _labels(obs, fold.train), x_val, _labels(obs, fold.val), seed)
+    if save_dir is not None:
+        save_fold_model(save_dir, model, head, store.genes, dict(info or {}))
     t1 = time.perf_counter()
     p = np.asarray(head.predict_proba(x_test), dtype=np.float32)
     t2 = time.perf_counter()
@@ -83,3 +92,67 @@ def run_frozen_fold(
         fit_seconds=t1 - t0,
         predict_seconds=t2 - t1,
     )
+
+
+# ------------------------------------------------------------------------------ saved fold models
+# A fold's fitted model, in safe formats only (safetensors + JSON + Parquet), for the model registry:
+#   config.json          {"kind": "frozen", "model", "model_options", "head", "train_info"}
+#   head.safetensors     the head's learned arrays (scaler, weights); head.json its name and options
+#   featurizer.safetensors + featurizer.json   a baseline's fitted state (PCA axes, chosen genes, ...)
+#   genes.parquet        the training store's genes (position, symbol, ensembl_id)
+
+FOLD_CONFIG = "config.json"
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head.json"
+FEATURIZER_ARRAYS = "featurizer.safetensors"
+FEATURIZER_CONFIG = "featurizer.json"
+GENES = "genes.parquet"
+
+
+def save_fold_model(directory: Path, model: Model, head: Head, genes: Any, train_info: dict[str, Any]) -> Path:
+    """Write a fold's fitted head (and a baseline's fitted featurizer) into ``directory``, atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_dir(Path(directory), overwrite=True) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in head._arrays().items()}, str(tmp / HEAD_WEIGHTS))
+        write_json(tmp / HEAD_CONFIG, {"head": head.name, "options": head.options})
+        if isinstance(model, FittedFeatureModel):
+            state = model.state()  # type: ignore[attr-defined]
+            arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+            save_file(arrays, str(tmp / FEATURIZER_ARRAYS))
+            write_json(tmp / FEATURIZER_CONFIG, {k: v for k, v in state.items() if k not in arrays})
+        genes.to_parquet(tmp / GENES, index=False)
+        write_json(tmp / FOLD_CONFIG, {"kind": "frozen", "model": model.name, "model_options": model.options,
+                                       "head": head.name, "train_info": train_info})
+    return Path(directory)
+
+
+def load_fold_head(directory: Path) -> Head:
+    """The head saved by ``save_fold_model``."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    try:
+        cfg = json.loads((directory / HEAD_CONFIG).read_text())
+        arrays = load_file(str(directory / HEAD_WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{directory} holds no saved classifier head ({exc})") from None
+    head = make_head(cfg["head"], **cfg.get("options", {}))
+    head._set_arrays(arrays)
+    return head
+
+
+def load_fold_featurizer(directory: Path, model: Model) -> Model:
+    """Restore a baseline's fitted featurizer state saved by ``save_fold_model`` into ``model``."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    if not isinstance(model, FittedFeatureModel):
+        return model
+    try:
+        state = json.loads((directory / FEATURIZER_CONFIG).read_text())
+        state.update(load_file(str(directory / FEATURIZER_ARRAYS)))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{directory} holds no fitted featurizer for {model.name!r} ({exc})") from None
+    model.load_state(state)  # type: ignore[attr-defined]
+    return model

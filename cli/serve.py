@@ -1,0 +1,275 @@
+"""CLI commands of the model registry, atlas-scale prediction and the server:
+``models register``, ``models list --registry``, ``predict``, ``serve``, ``bench predict``, ``bench serve``.
+
+Registered into the main app by ``register(app, models_app, bench_app)`` (see the end of cli/main.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from scdrugmap_ray.engine.errors import UserError
+
+log = logging.getLogger("scdrugmap_ray")
+
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="Registry directory (default: $SCDRUGMAP_RAY_REGISTRY or "
+                 "~/.local/share/scdrugmap-ray/models)."),
+]
+
+
+def _say(line: str) -> None:
+    typer.echo(line)
+
+
+def models_register(
+    run_dir: Annotated[Path, typer.Argument(help="A finished benchmark run directory.")],
+    name: Annotated[str, typer.Option(help="Registry name of the model.")],
+    unit: Annotated[str | None, typer.Option(help="The unit id (see results.parquet).")] = None,
+    best: Annotated[str | None, typer.Option(help="Instead of --unit: the unit with the best mean METRIC.")] = None,
+    fold: Annotated[str | None, typer.Option(help="Fold name or number (default: the best by --metric).")] = None,
+    metric: Annotated[str, typer.Option(help="Metric choosing the fold (and the unit with --best).")] = "auroc",
+    registry: RegistryOpt = None,
+    copy_checkpoint: Annotated[bool, typer.Option(help="Copy the foundation model's checkpoint into the "
+                                                  "registry (random-weight presets are always copied).")] = False,
+) -> None:
+    """Turn a trained unit of a run (frozen head, or LoRA adapter + head) into a versioned registry model."""
+    from scdrugmap_ray.jobs.register import register_from_run
+
+    path = register_from_run(run_dir, name, unit=unit, best=best, fold=fold, metric=metric, registry=registry,
+                             copy_checkpoint=copy_checkpoint)
+    info = json.loads((path / "model.json").read_text())
+    cv = info["cv_metrics"].get(metric, {})
+    _say(f"registered {info['name']}@{info['version']} ({info['kind']}, {info['model']} + {info['head']}) from "
+         f"{info['source']['unit_id']} {info['source']['fold_name']}: "
+         f"{metric} {info['metrics'].get(metric, float('nan')):.3f}"
+         f" (unit mean {cv.get('mean', float('nan')):.3f} over {cv.get('n_folds', 0)} folds)")
+    if info.get("random_weights"):
+        _say("WARNING: RANDOM WEIGHTS (not pretrained): its predictions mean nothing")
+    _say(f"in {path}")
+
+
+def models_list(
+    trained: Annotated[bool, typer.Option("--trained", help="List the trained models of the registry.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """List the model architectures a benchmark can name, or (--trained / --registry DIR) the registry's models."""
+    if not trained and registry is None:
+        from scdrugmap_ray.engine.models.base import available_models
+
+        for n in available_models():
+            _say(n)
+        return
+    from scdrugmap_ray.engine.registry import Registry
+
+    reg = Registry(registry)
+    rows = reg.list()
+    if not rows:
+        _say(f"no models in {reg.root}")
+        return
+    for info in rows:
+        m = info.get("metrics", {})
+        cv = info.get("cv_metrics", {}).get("auroc", {})
+        flag = "  RANDOM WEIGHTS" if info.get("random_weights") else ""
+        _say(f"{info['name']}@{info['version']}  {info['kind']:6s} {info['model']} + {info['head']}  "
+             f"auroc {m.get('auroc', float('nan')):.3f} (cv {cv.get('mean', float('nan')):.3f})  "
+             f"{info['created']}{flag}")
+
+
+def predict(
+    data: Annotated[Path, typer.Argument(help="An .h5ad file or a cell store directory.")],
+    model: Annotated[str, typer.Option(help="Registry model NAME or NAME@VERSION.")],
+    out: Annotated[Path, typer.Option(help="Output: .parquet (cell_id, p_sensitive, label) or .h5ad (obs columns).")],
+    registry: RegistryOpt = None,
+    embeddings: Annotated[
+        bool, typer.Option(help="Also write embeddings (obsm['X_scdrugmap'] / embedding column).")
+    ] = False,
+    address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
+    actors: Annotated[int | None, typer.Option(help="Predictor actors (default: GPUs, or CPUs for baselines).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Read this layer of the .h5ad instead of X.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    submit: Annotated[bool, typer.Option("--submit", help="Run as a Ray job on the cluster whose dashboard is "
+                                         "--address (paths must be absolute and readable there).")] = False,
+) -> None:
+    """Predict drug response of every cell with a registry model (Ray Data streaming, bounded memory)."""
+    if submit:
+        job_id = _submit_predict(data, model, out, registry, embeddings, address, actors, layer, overwrite)
+        _say(f"submitted {job_id}; follow it with `scdrugmap-ray logs {job_id} --address {address}`")
+        return
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
+    from scdrugmap_ray.engine.models.base import cache_root
+    from scdrugmap_ray.engine.registry import Registry, predict_store
+    from scdrugmap_ray.jobs.runner import _init_ray
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    version_dir = Registry(registry).resolve(model)
+    if not data.exists():
+        raise UserError(f"{data} not found")
+    store = ensure_store(data, ConvertOptions(layer=layer), cache_root() / "stores")
+    source = data if data.is_file() else Path(str(store.meta.get("source", "")))
+    _init_ray(address)
+    stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors)
+    info = json.loads((version_dir / "model.json").read_text())
+    if info.get("random_weights"):
+        _say("WARNING: RANDOM WEIGHTS (not pretrained): predictions mean nothing")
+    _say(f"predicted {stats.n_cells:,} cells with {info['name']}@{info['version']}: {stats.n_sensitive:,} sensitive "
+         f"({stats.n_sensitive / max(stats.n_cells, 1):.1%}); {stats.cells_per_s:,.0f} cells/s; wrote {out}")
+
+
+def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, embeddings: bool,
+                    address: str | None, actors: int | None, layer: str | None, overwrite: bool) -> str:
+    """The same predict as a Ray job (Jobs API, the package staged as py_modules), as ``submit`` does for runs."""
+    import shlex
+    import tempfile
+
+    from scdrugmap_ray.engine.registry import Registry, parse_ref
+    from scdrugmap_ray.jobs import submit as jobs_submit
+
+    if not address:
+        raise UserError("--submit needs --address http://HEAD:8265 (the cluster's dashboard)")
+    parse_ref(model)
+    reg = Registry(registry).root
+    for what, path in (("DATA", data), ("--out", out), ("--registry", reg)):
+        if not Path(path).is_absolute():
+            raise UserError(f"{what} {path} is relative; a job on the cluster needs absolute paths on shared storage")
+    command = ["python", "-m", "scdrugmap_ray.cli.main", "predict", str(data), "--model", model, "--out", str(out),
+               "--registry", str(reg)]
+    command += ["--embeddings"] if embeddings else []
+    command += ["--actors", str(actors)] if actors else []
+    command += ["--layer", layer] if layer else []
+    command += ["--overwrite"] if overwrite else []
+    client = jobs_submit._client(address)
+    with tempfile.TemporaryDirectory(prefix="scdrugmap-submit-") as tmp:
+        package = jobs_submit.stage_package(Path(tmp) / "stage")
+        return str(jobs_submit._call(address, None, lambda: client.submit_job(
+            entrypoint=shlex.join(command), runtime_env={"py_modules": [str(package)]},
+            metadata={"tool": "scdrugmap-ray", "command": "predict"})))
+
+
+def serve_cmd(
+    registry: RegistryOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key "
+                                                    "(requests must send it as X-API-Key or Bearer).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB (413 above).")] = 100.0,
+    max_cells: Annotated[int, typer.Option(help="Most cells per request.")] = 200_000,
+    min_replicas: Annotated[int, typer.Option(help="Predictor replicas, at least.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Predictor replicas, at most (autoscaling when > min).")] = 1,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica.")] = 4.0,
+    max_models_per_replica: Annotated[int, typer.Option(help="Models kept loaded per replica (LRU).")] = 3,
+    max_batch_size: Annotated[int, typer.Option(help="Requests batched together by a replica.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a replica waits to fill a batch.")] = 10.0,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per predictor replica.")] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(help="GPUs per predictor replica.")] = 0.0,
+    address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
+) -> None:
+    """Serve registry models: REST API (/v1/...), OpenAPI docs (/docs) and a web page (/), on Ray Serve."""
+    import os
+
+    from scdrugmap_ray.engine.registry import Registry
+    from scdrugmap_ray.jobs.runner import _init_ray
+    from scdrugmap_ray.serve.app import ServeConfig, run_app
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {api_key_env}: the environment variable is not set or empty")
+    reg = Registry(registry)
+    cfg = ServeConfig(
+        registry=str(reg.root), api_key=api_key, max_upload_bytes=int(max_upload_mb * 1e6), max_cells=max_cells,
+        min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
+        max_models_per_replica=max_models_per_replica, max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+    )
+    _init_ray(address)
+    run_app(cfg, host=host, port=port)
+    _say(f"serving {len(reg.names())} model(s) from {reg.root} at http://{host}:{port}/ (API docs: /docs); "
+         "Ctrl-C stops")
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    # Ray installs its own SIGINT handling in the driver: stop on SIGINT/SIGTERM explicitly, and take the
+    # embedded Ray (its raylet and workers) down with the server.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    _say("stopping")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def bench_predict(
+    model: Annotated[str, typer.Option(help="Registry model NAME[@VERSION].")],
+    data: Annotated[Path, typer.Option(help="A cell store (or .h5ad) to predict.")],
+    registry: RegistryOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output .parquet (default: a temporary file).")] = None,
+    actors: Annotated[int | None, typer.Option(help="Predictor actors.")] = None,
+) -> None:
+    """Atlas-scale predict throughput: cells/s and peak RSS of the whole process tree (driver + Ray)."""
+    import tempfile
+
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
+    from scdrugmap_ray.engine.models.base import cache_root
+    from scdrugmap_ray.engine.registry import Registry, predict_store
+    from scdrugmap_ray.jobs.runner import _init_ray
+    from scdrugmap_ray.serve.bench import RssSampler
+
+    version_dir = Registry(registry).resolve(model)
+    store = ensure_store(data, ConvertOptions(), cache_root() / "stores")
+    _init_ray(None)
+    with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
+        target = out or Path(tmp) / "predictions.parquet"
+        stats = predict_store(version_dir, store, target, num_actors=actors)
+    _say(f"predict model={model} cells={stats.n_cells} seconds={stats.seconds:.1f} cells_per_s={stats.cells_per_s:.0f} "
+         f"peak_rss_driver_mb={rss.peak_driver / 2**20:.0f} peak_rss_total_mb={rss.peak_total / 2**20:.0f} "
+         f"(total = driver + Ray processes, sampled every {rss.interval}s)")
+
+
+def bench_serve(
+    url: Annotated[str, typer.Option(help="The server, e.g. http://127.0.0.1:8000.")],
+    model: Annotated[str, typer.Option(help="Model NAME[@VERSION] to call.")],
+    data: Annotated[Path, typer.Option(help="An .h5ad whose cells make the requests.")],
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    requests: Annotated[int, typer.Option(help="Requests in all.")] = 200,
+    cells_per_request: Annotated[int, typer.Option(help="Cells per request (JSON cells).")] = 16,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds in all.")] = 300.0,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
+) -> None:
+    """Load test of POST /v1/predict: N concurrent clients, a fixed number of requests; requests/s, p50/p99
+    latency, errors, and whether every cell of every request was answered."""
+    import os
+
+    from scdrugmap_ray.serve.bench import load_test
+
+    key = os.environ.get(api_key_env) if api_key_env else None
+    res = load_test(url, model, data, clients=clients, n_requests=requests, cells_per_request=cells_per_request,
+                    timeout_s=timeout, api_key=key)
+    _say(res.line())
+    if res.errors or res.cells_missing:
+        raise typer.Exit(1)
+
+
+def register(app: Any, models_app: Any, bench_app: Any) -> None:
+    """Add the commands to the main CLI (``models list`` is replaced by the one that also lists the registry)."""
+    for info in list(models_app.registered_commands):
+        if info.name == "list":
+            models_app.registered_commands.remove(info)
+    models_app.command("list")(models_list)
+    models_app.command("register")(models_register)
+    app.command("predict")(predict)
+    app.command("serve")(serve_cmd)
+    bench_app.command("predict")(bench_predict)
+    bench_app.command("serve")(bench_serve)

@@ -1,0 +1,192 @@
+"""Figures for serving and atlas-scale prediction: a load test of POST /v1/predict and a peak-RSS sampler.
+
+The load test is bounded in count (a fixed number of requests) and in time (a deadline); each request
+sends JSON cells taken from a real .h5ad and checks that every cell came back with a prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class RssSampler:
+    """Peak resident memory of this process and of all its descendants (a local Ray's raylet and
+    workers), sampled on a background thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak_driver = 0
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        driver = me.memory_info().rss
+        total = driver
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        self.peak_driver = max(self.peak_driver, driver)
+        self.peak_total = max(self.peak_total, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    cells_per_request: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    not_sent: int = 0
+    cells_missing: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    def line(self) -> str:
+        lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        rps = self.ok / self.seconds if self.seconds else 0.0
+        out = (f"load clients={self.clients} requests={self.requests} ok={self.ok} errors={self.errors} "
+               f"not_sent={self.not_sent} cells_missing={self.cells_missing} seconds={self.seconds:.1f} "
+               f"requests_per_s={rps:.1f} cells_per_s={rps * self.cells_per_request:.0f} "
+               f"p50_ms={np.percentile(lat, 50):.1f} p99_ms={np.percentile(lat, 99):.1f}")
+        if self.error_samples:
+            out += f" first_error={self.error_samples[0]!r}"
+        return out
+
+
+def request_bodies(h5ad: Path, model: str, n: int, cells_per_request: int) -> list[dict[str, Any]]:
+    """``n`` JSON bodies of ``cells_per_request`` cells each, cycling through the file's cells."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    a = ad.read_h5ad(h5ad)
+    x = sp.csr_matrix(a.X)
+    genes = np.asarray(a.var_names.astype(str))
+    bodies = []
+    for r in range(n):
+        cells = []
+        for j in range(cells_per_request):
+            i = (r * cells_per_request + j) % x.shape[0]
+            lo, hi = x.indptr[i], x.indptr[i + 1]
+            expr = {str(genes[k]): float(v) for k, v in zip(x.indices[lo:hi], x.data[lo:hi], strict=True)}
+            cells.append({"cell_id": f"r{r}-c{j}-{a.obs_names[i]}", "expression": expr})
+        bodies.append({"model": model, "cells": cells, "ignore_unknown_genes": True})
+    return bodies
+
+
+def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests: int = 200,
+              cells_per_request: int = 16, timeout_s: float = 300.0, api_key: str | None = None) -> LoadResult:
+    import httpx
+
+    bodies = request_bodies(h5ad, model, n_requests, cells_per_request)
+    res = LoadResult(clients, n_requests, cells_per_request, 0.0)
+    lock = threading.Lock()
+    deadline = time.monotonic() + timeout_s
+    headers = {"X-API-Key": api_key} if api_key else {}
+    next_i = iter(range(n_requests))
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=max(1.0, timeout_s), headers=headers) as client:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                if time.monotonic() > deadline:
+                    with lock:
+                        res.not_sent += 1
+                    continue
+                body = bodies[i]
+                t0 = time.perf_counter()
+                try:
+                    r = client.post("/v1/predict", json=body)
+                    dt = time.perf_counter() - t0
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+                    got = {c["cell_id"] for c in r.json()["cells"] if c.get("p_sensitive") is not None}
+                    missing = sum(1 for c in body["cells"] if c["cell_id"] not in got)
+                    with lock:
+                        res.latencies.append(dt)
+                        res.cells_missing += missing
+                except Exception as err:  # any failure counts; the first few are kept
+                    with lock:
+                        res.errors += 1
+                        if len(res.error_samples) < 3:
+                            res.error_samples.append(str(err))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(worker) for _ in range(clients)]:
+            f.result()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def demo_registry(work: Path, cells: int, genes: int, model_name: str) -> tuple[Path, Path]:
+    """Simulated cells (.h5ad + store) and a registry model 'bench' fitted on 5,000 of them (benchmarks)."""
+    import time
+
+    import numpy as np
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
+    from scdrugmap_ray.engine.data.simulate import simulate_h5ad
+    from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.models.base import get_model
+    from scdrugmap_ray.engine.registry import Registry
+    from scdrugmap_ray.engine.train.frozen import save_fold_model
+    from scdrugmap_ray.engine.train.heads import make_head
+
+    h5ad, store_dir = work / "sim.h5ad", work / "store"
+    if not h5ad.exists():
+        t = time.perf_counter()
+        simulate_h5ad(h5ad, n_cells=cells, n_datasets=4, n_genes=genes, seed=0, progress=False)
+        print(f"simulate: {cells} cells in {time.perf_counter() - t:.0f} s", flush=True)
+    if not store_dir.exists():
+        t = time.perf_counter()
+        convert_h5ad(h5ad, store_dir, ConvertOptions(label_key="response", dataset_key="dataset",
+                                                     sample_key="sample"), progress=False)
+        print(f"convert: {time.perf_counter() - t:.0f} s", flush=True)
+    store = CellStore.open(store_dir)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(store.n_cells, size=min(5000, store.n_cells), replace=False))
+    x = store.read_csr(rows)
+    y = store.obs(["label"])["label"].to_numpy()[rows].astype(int)
+    model = get_model(model_name)
+    model.fit(x[:4000], store.genes, 0)  # type: ignore[attr-defined]
+    feats = model.transform(x)  # type: ignore[attr-defined]
+    head = make_head(model.default_head)
+    head.fit(feats[:4000], y[:4000], feats[4000:], y[4000:], 0)
+    fold = save_fold_model(work / "fold.model", model, head, store.genes, {})
+    reg = Registry(work / "registry")
+    if not reg.versions("bench"):
+        reg.add("bench", fold, "frozen", {"model": model.name, "model_options": model.options,
+                                          "head": head.name, "metrics": {}, "cv_metrics": {}})
+    return store_dir, reg.root

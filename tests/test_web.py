@@ -1,0 +1,116 @@
+"""The web page end to end in a real headless Chromium (Debian's chromium + chromedriver via Selenium):
+enter the API key, upload an .h5ad, wait for the result, check the numbers against the API, screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from serving import API_KEY, served
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("Debian chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver "
+                    "(.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1600"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_upload_predict_and_see_the_result(ray_session: None, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    app = served()
+    b = browser
+    b.get(app["url"] + "/")
+    wait = WebDriverWait(b, 120)
+    # without the key the page says why the model list is empty
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "401"), message=b.page_source[:3000])
+    key = b.find_element(By.ID, "api-key")
+    key.send_keys(API_KEY)
+    key.send_keys(Keys.TAB)  # change event: the page lists the models with the key
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 1)
+    assert Select(b.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "pca-sim@1"
+
+    b.find_element(By.ID, "file").send_keys(str(app["h5ad"]))
+    b.find_element(By.ID, "submit").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+
+    # the same request through the API: the page must show the same numbers
+    with open(app["h5ad"], "rb") as fh:
+        api = httpx.post(app["url"] + "/v1/predict", headers={"X-API-Key": API_KEY}, data={"model": "pca-sim@1"},
+                         files={"file": ("cells.h5ad", fh)}, timeout=120).json()
+    s = api["summary"]
+    text = {k: b.find_element(By.ID, f"summary-{k}").text for k in ("n-cells", "n-sensitive", "n-resistant",
+                                                                       "fraction", "mean-p")}
+    assert text["n-cells"] == str(s["n_cells"]) == "300"
+    assert text["n-sensitive"] == str(s["n_sensitive"])
+    assert text["n-resistant"] == str(s["n_resistant"])
+    assert text["fraction"] == f"{s['fraction_sensitive']:.3f}"
+    assert text["mean-p"] == f"{s['mean_p_sensitive']:.3f}"
+
+    bars = b.find_elements(By.CSS_SELECTOR, "#histogram-svg rect.bar")
+    assert [int(r.get_attribute("data-count")) for r in bars] == s["histogram"]["counts"]
+    points = b.find_elements(By.CSS_SELECTOR, "#embedding-svg circle.point")
+    assert len(points) == s["n_cells"]
+    assert len(b.find_elements(By.CSS_SELECTOR, "#embedding-svg circle.sensitive")) == s["n_sensitive"]
+    rows = b.find_elements(By.CSS_SELECTOR, "#cells tbody tr")
+    assert len(rows) == s["n_cells"]
+    first = rows[0].find_elements(By.TAG_NAME, "td")
+    assert first[0].text == api["cells"][0]["cell_id"]
+    assert first[1].text == f"{api['cells'][0]['p_sensitive']:.4f}"
+    assert first[2].text == api["cells"][0]["label"]
+
+    # the CSV download is built in the page: check its text without a download directory
+    csv = b.execute_script(
+        "return ['cell_id,p_sensitive,label'].concat(lastResult.cells.map(c => [c.cell_id, c.p_sensitive, c.label]"
+        ".join(','))).join('\\n');")
+    c0 = api["cells"][0]
+    assert csv.splitlines()[1] == f"{c0['cell_id']},{c0['p_sensitive']},{c0['label']}"
+    b.find_element(By.ID, "download").click()  # must not throw in the page
+
+    shot = tmp_path / "web-page.png"
+    assert b.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    out = os.environ.get("SCDRUGMAP_SCREENSHOT_DIR")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(out) / shot.name)
+
+
+def test_bad_upload_shows_the_message(ray_session: None, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    app = served()
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not an h5ad")
+    browser.get(app["url"] + "/")  # the key typed before is remembered by the page (localStorage)
+    WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 1)
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.ID, "status"), "error 415"))
+    assert "not HDF5" in browser.find_element(By.ID, "status").text
