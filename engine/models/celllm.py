@@ -96,6 +96,7 @@ from torch import nn
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import load_weights_file
+from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +150,12 @@ def resolve_config(structure: dict[str, Any]) -> dict[str, Any]:
 def official_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every key of PerformerLM_CellLM's state dict with its shape, in registration order."""
     d, inner, nt = cfg["dim"], cfg["heads"] * cfg["dim_head"], cfg["num_tokens"]
-    ff = cfg["ff_mult"] * d
     out: dict[str, tuple[int, ...]] = {
         "token_emb.weight": (nt, d),
         "pos_emb.emb.weight": (cfg["gene_num"] + 2, d),
     }
-    for i in range(cfg["depth"]):
-        a = f"performer.net.layers.{i}.0."
-        out[a + "norm.weight"] = (d,)
-        out[a + "norm.bias"] = (d,)
-        out[a + "fn.fast_attention.projection_matrix"] = (cfg["nb_features"], cfg["dim_head"])
-        for name in ("to_q", "to_k", "to_v"):
-            out[a + f"fn.{name}.weight"] = (inner, d)
-            if cfg["qkv_bias"]:
-                out[a + f"fn.{name}.bias"] = (inner,)
-        out[a + "fn.to_out.weight"] = (d, inner)
-        out[a + "fn.to_out.bias"] = (d,)
-        f = f"performer.net.layers.{i}.1."
-        out[f + "norm.weight"] = (d,)
-        out[f + "norm.bias"] = (d,)
-        out[f + "fn.fn.w1.weight"] = (ff, d)
-        out[f + "fn.fn.w1.bias"] = (ff,)
-        out[f + "fn.fn.w2.weight"] = (d, ff)
-        out[f + "fn.fn.w2.bias"] = (d,)
+    out.update(performer_layer_shapes("performer.", d, cfg["depth"], inner, cfg["dim_head"], cfg["nb_features"],
+                                      cfg["ff_mult"], qkv_bias=cfg["qkv_bias"]))
     out["performer.calls_since_last_redraw"] = ()
     out["norm.weight"] = (d,)
     out["norm.bias"] = (d,)

@@ -82,6 +82,7 @@ from torch import nn
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
 from .checkpoint import load_weights_file
+from .performer import performer_layer_shapes
 
 with warnings.catch_warnings():  # performer-pytorch imports distutils' LooseVersion
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -160,28 +161,15 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def official_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every key of the official ``model_state_dict`` with its shape, in PerformerLM's order."""
-    d, inner, ff = cfg["dim"], cfg["heads"] * cfg["dim_head"], cfg["ff_mult"] * cfg["dim"]
+    d, inner = cfg["dim"], cfg["heads"] * cfg["dim_head"]
     out: dict[str, tuple[int, ...]] = {
         "token_emb.weight": (cfg["num_tokens"], d),
         "pos_emb.emb.weight": (cfg["max_seq_len"], d),
         "performer.calls_since_last_redraw": (),
     }
-    for i in range(cfg["depth"]):
-        a = f"performer.net.layers.{i}.0."
-        out[a + "norm.weight"] = (d,)
-        out[a + "norm.bias"] = (d,)
-        out[a + "fn.fast_attention.projection_matrix"] = (cfg["nb_features"], cfg["dim_head"])
-        for name in ("to_q", "to_k", "to_v"):  # qkv_bias=False in PerformerLM
-            out[a + f"fn.{name}.weight"] = (inner, d)
-        out[a + "fn.to_out.weight"] = (d, inner)
-        out[a + "fn.to_out.bias"] = (d,)
-        f = f"performer.net.layers.{i}.1."
-        out[f + "norm.weight"] = (d,)
-        out[f + "norm.bias"] = (d,)
-        out[f + "fn.fn.w1.weight"] = (ff, d)
-        out[f + "fn.fn.w1.bias"] = (ff,)
-        out[f + "fn.fn.w2.weight"] = (d, ff)
-        out[f + "fn.fn.w2.bias"] = (d,)
+    # qkv_bias=False in PerformerLM
+    out.update(performer_layer_shapes("performer.", d, cfg["depth"], inner, cfg["dim_head"], cfg["nb_features"],
+                                      cfg["ff_mult"]))
     out["norm.weight"] = (d,)
     out["norm.bias"] = (d,)
     out[HEAD_PREFIX + "weight"] = (cfg["num_tokens"], d)

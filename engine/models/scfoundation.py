@@ -70,6 +70,7 @@ from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import load_weights_file
+from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -217,26 +218,10 @@ def _performer_shapes(
     prefix: str, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int = 4
 ) -> dict[str, tuple[int, ...]]:
     # PerformerModule(qkv_bias=True), FastAttention's nb_features = int(dim_head * ln(dim_head))
-    inner = heads * dim_head
     nb_features = int(dim_head * math.log(dim_head))
     out: dict[str, tuple[int, ...]] = {prefix + "performer.calls_since_last_redraw": ()}
-    for i in range(depth):
-        a = f"{prefix}performer.net.layers.{i}.0."
-        out[a + "norm.weight"] = (dim,)
-        out[a + "norm.bias"] = (dim,)
-        out[a + "fn.fast_attention.projection_matrix"] = (nb_features, dim_head)
-        for name in ("to_q", "to_k", "to_v"):
-            out[a + f"fn.{name}.weight"] = (inner, dim)
-            out[a + f"fn.{name}.bias"] = (inner,)
-        out[a + "fn.to_out.weight"] = (dim, inner)
-        out[a + "fn.to_out.bias"] = (dim,)
-        f = f"{prefix}performer.net.layers.{i}.1."
-        out[f + "norm.weight"] = (dim,)
-        out[f + "norm.bias"] = (dim,)
-        out[f + "fn.fn.w1.weight"] = (ff_mult * dim, dim)
-        out[f + "fn.fn.w1.bias"] = (ff_mult * dim,)
-        out[f + "fn.fn.w2.weight"] = (dim, ff_mult * dim)
-        out[f + "fn.fn.w2.bias"] = (dim,)
+    out.update(performer_layer_shapes(prefix + "performer.", dim, depth, heads * dim_head, dim_head, nb_features,
+                                      ff_mult, qkv_bias=True))
     out[prefix + "norm.weight"] = (dim,)
     out[prefix + "norm.bias"] = (dim,)
     return out
