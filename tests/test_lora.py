@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,12 +163,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session: None, lora_sto
            "--preset", "tiny", "--out", str(out), "--epochs", "4", "--batch-cells", "16"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Killed once Ray Train has recorded a checkpoint in its manager snapshot (what a restart reads;
+    # the checkpoint folder itself appears slightly earlier)
+    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
+
+    def recorded() -> bool:
+        text = snapshot.read_text() if snapshot.is_file() else ""
+        return re.search(r'"checkpoint_dir_name":\s*"checkpoint_', text) is not None
+
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and not list((out / "ray" / "train").glob("checkpoint_*")):
+        while time.time() < deadline and not recorded():
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]  # type: ignore[union-attr]
-            time.sleep(0.5)
-        assert list((out / "ray" / "train").glob("checkpoint_*")), "no checkpoint within 300 s"
+            time.sleep(0.2)
+        assert recorded(), "no checkpoint within 300 s"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
