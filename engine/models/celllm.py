@@ -95,7 +95,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -370,12 +370,6 @@ class CellLMTokenizer(CellTokenizer):
 # --------------------------------------------------------------------------------------------- checkpoint
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def read_config(ckpt_dir: Path) -> tuple[dict[str, Any], Path]:
     """(architecture, weights file) of a checkpoint directory: ``cellLM.json`` (OpenBioMed's config format,
     ``network.structure``) when present, else the released config; the weights file is the one the config's
@@ -417,7 +411,7 @@ def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     key = cfg["param_key"]
     if key:
         if not isinstance(obj, dict) or key not in obj:
-            found = _short([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
+            found = short_keys([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
             raise UserError(f"{path} has no {key!r} entry (the CellLM param_key); found {found}")
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -426,8 +420,8 @@ def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     missing = [k for k in expected if k not in obj]
     unexpected = [str(k) for k in obj if k not in expected]
     if missing or unexpected:
-        parts = ([f"missing keys: {_short(missing)}"] if missing else []) + (
-            [f"unexpected keys: {_short(unexpected)}"] if unexpected else []
+        parts = ([f"missing keys: {short_keys(missing)}"] if missing else []) + (
+            [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
         )
         raise UserError(f"{path} does not match the CellLM architecture of its config; " + "; ".join(parts))
     for k, shape in expected.items():

@@ -81,7 +81,7 @@ from torch import nn
 from ..data.gene_ids import ensembl_to_symbols
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -473,12 +473,6 @@ class CellPLMTokenizer(CellTokenizer):
 # --------------------------------------------------------------------------------------------- checkpoint
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def find_prefix(directory: Path, prefix: str | None) -> str:
     """The checkpoint prefix: the given one, or the only ``<prefix>.config.json`` with a ``<prefix>.best.ckpt``."""
     if prefix is not None:
@@ -515,7 +509,7 @@ def read_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The embedding module's state dict from ``<prefix>.best.ckpt``; strict (see the module docstring)."""
     obj = load_weights_file(path, "re-save it as {'model_state_dict': {name: tensor}}")
     if not isinstance(obj, dict) or STATE_KEY not in obj or not isinstance(obj[STATE_KEY], dict):
-        found = _short([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
+        found = short_keys([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
         raise UserError(
             f"{path} is not an official CellPLM checkpoint: expected a dict with {STATE_KEY!r} "
             f"(torch.save of {{'{STATE_KEY}': state_dict, ...}}); found {found}"
@@ -527,9 +521,9 @@ def read_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_short(missing)}")
+            parts.append(f"missing keys: {short_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
+            parts.append(f"unexpected keys: {short_keys(unexpected)}")
         raise UserError(f"{path} does not match the CellPLM architecture of its config; " + "; ".join(parts))
     for k, shape in expected.items():
         val = state[k]

@@ -45,3 +45,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint file {path} does not hold a state dict of tensors")
     return state
+
+
+def short_keys(keys: list[str], n: int = 5) -> str:
+    """The first ``n`` of some state-dict keys, sorted, for a one-line error ("a, b and 7 more")."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -81,7 +81,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 with warnings.catch_warnings():  # performer-pytorch imports distutils' LooseVersion
@@ -177,12 +177,6 @@ def official_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def config_from_state(state: dict[str, Any], where: str) -> dict[str, Any]:
     """The architecture of an official state dict, read from its shapes (the file stores no config)."""
     probes = {
@@ -194,7 +188,7 @@ def config_from_state(state: dict[str, Any], where: str) -> dict[str, Any]:
     missing = [k for k in probes if k not in state]
     if missing:
         raise UserError(
-            f"{where} is not an official scBERT (PerformerLM) state dict; missing keys: {_short(missing)}"
+            f"{where} is not an official scBERT (PerformerLM) state dict; missing keys: {short_keys(missing)}"
         )
     for k, ndim in probes.items():
         if not isinstance(state[k], torch.Tensor) or state[k].dim() != ndim:
@@ -256,9 +250,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_short(missing)}")
+            parts.append(f"missing keys: {short_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
+            parts.append(f"unexpected keys: {short_keys(unexpected)}")
         raise UserError(f"{path} does not match the scBERT PerformerLM architecture; " + "; ".join(parts))
     for k, shape in expected.items():
         val = state[k]

@@ -69,7 +69,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -511,18 +511,12 @@ def _read_container(path: Path) -> Any:
     )
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(flat config, encoder state dict in this module's names) of sub-model ``key`` of models.ckpt;
     strict: every official key must be there with its shape, nothing else may be."""
     obj = _read_container(path)
     if not isinstance(obj, dict) or not any(k in obj for k in SUBMODELS):
-        found = _short([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
+        found = short_keys([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
         raise UserError(
             f"{path} is not an official scFoundation models.ckpt: expected a dict with sub-models "
             f"{', '.join(SUBMODELS)} (each {{'config', 'state_dict'}}); found {found}"
@@ -534,7 +528,7 @@ def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch
         )
     sub = obj[key]
     if not isinstance(sub, dict) or "config" not in sub or "state_dict" not in sub:
-        found = _short([str(k) for k in sub]) if isinstance(sub, dict) else type(sub).__name__
+        found = short_keys([str(k) for k in sub]) if isinstance(sub, dict) else type(sub).__name__
         raise UserError(f"{path}: sub-model {key!r} must hold 'config' and 'state_dict'; found {found}")
     cfg = validate_config(flatten_config(sub["config"]))
     raw = sub["state_dict"]
@@ -546,9 +540,9 @@ def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_short([STATE_PREFIX + k for k in missing])}")
+            parts.append(f"missing keys: {short_keys([STATE_PREFIX + k for k in missing])}")
         if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
+            parts.append(f"unexpected keys: {short_keys(unexpected)}")
         raise UserError(
             f"{path} sub-model {key!r} does not match the scFoundation architecture of its config; " + "; ".join(parts)
         )

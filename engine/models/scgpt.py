@@ -89,7 +89,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -509,12 +509,6 @@ class ScGPTTokenizer(CellTokenizer):
 # --------------------------------------------------------------------------------------------- checkpoint
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def check_checkpoint_dir(path: Path) -> None:
     missing = [f for f in (CHECKPOINT_FILE, ARGS_FILE, VOCAB_FILE) if not (path / f).is_file()]
     if missing:
@@ -553,7 +547,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[s
     if raw and not any(isinstance(v, torch.Tensor) for v in raw.values()):
         raise UserError(
             f"{path} is not an official scGPT best_model.pt: expected a plain state dict (parameter name -> "
-            f"tensor); found a dict with keys {_short(list(raw))}"
+            f"tensor); found a dict with keys {short_keys(list(raw))}"
         )
     state = canonical_keys(raw, path)
     out_w = state.get("cls_decoder.out_layer.weight")
@@ -564,9 +558,9 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[s
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_short(missing)}")
+            parts.append(f"missing keys: {short_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
+            parts.append(f"unexpected keys: {short_keys(unexpected)}")
         raise UserError(
             f"{path} does not match the scGPT architecture of its {ARGS_FILE} "
             f"({cfg.nlayers} layers, d {cfg.d_model}); " + "; ".join(parts)

@@ -98,7 +98,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file
+from .checkpoint import load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -519,12 +519,6 @@ class UCETokenizer(CellTokenizer):
 # --------------------------------------------------------------------------------------------- checkpoint
 
 
-def _short(keys: list[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def model_file(ckpt: Path) -> Path:
     for name in MODEL_FILES:
         if (ckpt / name).is_file():
@@ -546,7 +540,7 @@ def _config_from_state(state: dict[str, Any], args: dict[str, int], path: Path) 
     anchors = ("encoder.0.weight", first, "decoder.3.weight", "pe_embedding.weight")
     missing = [k for k in anchors if not isinstance(state.get(k), torch.Tensor) or state[k].dim() != 2]
     if missing:
-        raise UserError(f"{path} is not a UCE TransformerModel state dict; missing keys: {_short(missing)}")
+        raise UserError(f"{path} is not a UCE TransformerModel state dict; missing keys: {short_keys(missing)}")
     enc, l1, dec, pe = (state[k] for k in anchors)
     cfg = {
         "token_dim": int(enc.shape[1]),
@@ -575,8 +569,8 @@ def read_checkpoint(ckpt: Path, args: dict[str, int]) -> tuple[dict[str, Any], d
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        parts = [f"missing keys: {_short(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_short(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {short_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
         raise UserError(f"{path} does not match the UCE architecture ({cfg['nlayers']} layers); " + "; ".join(parts))
     for k, shape in expected.items():
         v = state[k]
