@@ -258,6 +258,28 @@ def test_submit_real_benchmark(ray_head: str, tmp_path: Path) -> None:
     assert (out / "report.html").is_file()
     assert not (tmp_path / "runs" / "default").exists()  # --out overrides the spec's output
 
+    # `predict --submit`: register the cluster run's best unit, then predict its store as a job on the cluster
+    import json
+
+    import pandas as pd
+    from scdrugmap_ray.jobs.register import register_from_run
+
+    registry = tmp_path / "registry"
+    register_from_run(out, "clustered", best="auroc", registry=registry)
+    store = json.loads((out / "manifest.json").read_text())["data"][0]["path"]
+    preds = tmp_path / "predictions.parquet"
+    proc = subprocess.run(
+        [str(VENV_BIN / "scdrugmap-ray"), "predict", store, "--model", "clustered", "--out", str(preds),
+         "--registry", str(registry), "--submit", "--address", ray_head],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    predict_job = proc.stdout.split("submitted ", 1)[1].split(";")[0]
+    final = jobs.wait(ray_head, predict_job, timeout_s=300)
+    assert final == "SUCCEEDED", jobs.logs(ray_head, predict_job)[-5000:]
+    got = pd.read_parquet(preds)
+    assert len(got) == 600 and got["cell_id"].is_unique and got["p_sensitive"].between(0, 1).all()
+
 
 def test_rayjob_manifest_carries_a_valid_benchmark() -> None:
     from scdrugmap_ray.jobs.spec import parse_spec

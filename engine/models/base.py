@@ -219,6 +219,14 @@ class FoundationModel(EmbeddingModel):
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
         """Write a random-weight checkpoint in the official on-disk format; return the directory."""
 
+    @classmethod
+    def mark_random(cls, out_dir: Path, preset: str, note: str = "random weights, not pretrained",
+                    **extra: Any) -> None:
+        """The marker init_random leaves beside the official files, so every output says "random weights"."""
+        from ..fsutil import write_json
+
+        write_json(out_dir / RANDOM_WEIGHTS_MARKER, {"model": cls.name, "preset": preset, "note": note, **extra})
+
     def embed_store(self, store: CellStore) -> np.ndarray:
         from ..pipeline.embed import embed_store
 

@@ -94,8 +94,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import check_state, load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -417,16 +417,7 @@ def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: the CellLM weights must be a state dict of tensors")
     expected = official_shapes(cfg)
-    missing = [k for k in expected if k not in obj]
-    unexpected = [str(k) for k in obj if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing keys: {short_keys(missing)}"] if missing else []) + (
-            [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
-        )
-        raise UserError(f"{path} does not match the CellLM architecture of its config; " + "; ".join(parts))
-    for k, shape in expected.items():
-        if tuple(obj[k].shape) != shape:
-            raise UserError(f"{path}: key {k} has shape {tuple(obj[k].shape)}, the config needs {shape}")
+    check_state(obj, expected, str(path), "the CellLM architecture of its config", "the config")
     return dict(obj)
 
 
@@ -573,12 +564,6 @@ class CellLMModel(FoundationModel):
         write_json(out_dir / CONFIG_FILE, official)
         with atomic_file(out_dir / GENE_LIST_FILE) as tmp:
             Path(tmp).write_text("\n".join(stand_in_gene_list(cfg["gene_num"])) + "\n")
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {
-                "model": cls.name,
-                "preset": preset,
-                "note": "random weights, not pretrained; gene_list.txt is a stand-in, not CellLM's own list",
-            },
-        )
+        cls.mark_random(out_dir, preset,
+                        "random weights, not pretrained; gene_list.txt is a stand-in, not CellLM's own list")
         return out_dir

@@ -80,8 +80,8 @@ from torch import nn
 
 from ..data.gene_ids import ensembl_to_symbols
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import check_state, load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -516,20 +516,8 @@ def read_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         )
     state = {str(k): v for k, v in obj[STATE_KEY].items()}
     expected = official_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and not k.startswith(DECODER_PREFIX)]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {short_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {short_keys(unexpected)}")
-        raise UserError(f"{path} does not match the CellPLM architecture of its config; " + "; ".join(parts))
-    for k, shape in expected.items():
-        val = state[k]
-        if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape:
-            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            raise UserError(f"{path}: key {k} has shape {got}, the config needs {shape}")
+    check_state(state, expected, str(path), "the CellPLM architecture of its config", "the config",
+                ignore=lambda k: k.startswith(DECODER_PREFIX))
     return {k: state[k] for k in expected if not _unused(k)}
 
 
@@ -606,7 +594,7 @@ class CellPLMModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file, write_json
+        from ..fsutil import atomic_file
 
         if preset not in cls.presets:
             raise UserError(f"model 'cellplm' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
@@ -630,10 +618,7 @@ class CellPLMModel(FoundationModel):
             tmp.write_text(json.dumps(raw))
         with atomic_file(out_dir / f"{prefix}{CKPT_SUFFIX}") as tmp:
             torch.save({STATE_KEY: {k: state[k].contiguous() for k in order}}, tmp)
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset)
         return out_dir
 
 

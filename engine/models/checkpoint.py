@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,24 @@ def short_keys(keys: list[str], n: int = 5) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def check_state(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: str, architecture: str,
+                needs: str = "the architecture", *, ignore: Callable[[str], bool] | None = None,
+                prefix: str = "") -> None:
+    """Strict loading for every model: each expected key present as a tensor of its shape, and nothing
+    else (keys ``ignore`` accepts aside, e.g. a decoder the embedding never runs). Errors are one line
+    naming the keys (shown with ``prefix``, the file's own key prefix); ``needs`` says what sets a shape."""
+    import torch
+
+    missing = [prefix + k for k in expected if k not in state]
+    unexpected = [prefix + str(k) for k in state if k not in expected and not (ignore and ignore(str(k)))]
+    if missing or unexpected:
+        parts = [f"missing keys: {short_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
+        raise UserError(f"{where} does not match {architecture}; " + "; ".join(parts))
+    for k, shape in expected.items():
+        val = state[k]
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(shape):
+            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            raise UserError(f"{where}: key {prefix}{k} has shape {got}, {needs} needs {tuple(shape)}")

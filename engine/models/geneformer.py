@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -595,10 +595,7 @@ class GeneformerModel(FoundationModel):
         with atomic_file(out_dir / SAFETENSORS_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         write_json(out_dir / CONFIG_FILE, cfg)  # indent 2, sorted keys: the layout of the official files
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset)
         n_params = sum(math.prod(v.shape) for v in state.values())
         log.info("geneformer: wrote random %s checkpoint (%.1fM parameters) to %s", preset, n_params / 1e6, out_dir)
         return out_dir

@@ -47,7 +47,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..llm.sentence import DEFAULT_TOP_K, SentenceBuilder, SentenceSpec, fit_words, join
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class Llama(FoundationModel):
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = LlamaForCausalLM(hf_cfg)
         model.save_pretrained(out_dir, safe_serialization=True)
-        (out_dir / RANDOM_WEIGHTS_MARKER).write_text(json.dumps({"model": cls.name, "preset": preset}) + "\n")
+        cls.mark_random(out_dir, preset)
         return out_dir
 
 

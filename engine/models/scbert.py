@@ -80,8 +80,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, register
+from .checkpoint import check_state, load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 with warnings.catch_warnings():  # performer-pytorch imports distutils' LooseVersion
@@ -245,20 +245,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         state = {str(k)[len("module.") :]: v for k, v in state.items()}
     cfg = validate_config(config_from_state(state, str(path)))
     expected = official_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    unexpected = [str(k) for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {short_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {short_keys(unexpected)}")
-        raise UserError(f"{path} does not match the scBERT PerformerLM architecture; " + "; ".join(parts))
-    for k, shape in expected.items():
+    check_state(state, expected, str(path), "the scBERT PerformerLM architecture")
+    for k in expected:
         val = state[k]
-        if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape:
-            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            raise UserError(f"{path}: key {k} has shape {got}, the architecture needs {shape}")
         if k != "performer.calls_since_last_redraw" and not val.is_floating_point():
             raise UserError(f"{path}: key {k} has dtype {val.dtype}, expected floating point")
     return cfg, {k: state[k] for k in expected if not k.startswith(HEAD_PREFIX)}
@@ -503,10 +492,6 @@ class ScBertModel(FoundationModel):
             torch.save({"epoch": 0, STATE_KEY: ordered, "losses": 0.0}, tmp)
         with atomic_file(out_dir / GENE2VEC_FILE) as tmp, open(tmp, "wb") as fh:
             np.save(fh, gene2vec)
-        from ..fsutil import write_json
 
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset)
         return out_dir

@@ -68,8 +68,8 @@ from torch import nn
 
 from ..errors import UserError
 from .attention import SdpaSelfAttention
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import check_state, load_weights_file, short_keys
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -535,24 +535,11 @@ def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch
     unprefixed = [str(k) for k in raw if not str(k).startswith(STATE_PREFIX)]
     state = {str(k)[len(STATE_PREFIX) :]: v for k, v in raw.items() if str(k).startswith(STATE_PREFIX)}
     expected = official_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    unexpected = [STATE_PREFIX + k for k in state if k not in expected] + unprefixed
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {short_keys([STATE_PREFIX + k for k in missing])}")
-        if unexpected:
-            parts.append(f"unexpected keys: {short_keys(unexpected)}")
-        raise UserError(
-            f"{path} sub-model {key!r} does not match the scFoundation architecture of its config; " + "; ".join(parts)
-        )
-    for k, shape in expected.items():
-        val = state[k]
-        if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape:
-            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            raise UserError(
-                f"{path} sub-model {key!r}: key {STATE_PREFIX}{k} has shape {got}, the config needs {shape}"
-            )
+    if unprefixed:  # keys outside the model. prefix are not the model's
+        raise UserError(f"{path} sub-model {key!r} does not match the scFoundation architecture of its config; "
+                        f"unexpected keys: {short_keys(unprefixed)}")
+    check_state(state, expected, f"{path} sub-model {key!r}", "the scFoundation architecture of its config",
+                "the config", prefix=STATE_PREFIX)
     enc_keys = official_encoder_shapes(cfg)
     return cfg, {_to_module_key(k): state[k] for k in enc_keys}
 
@@ -643,7 +630,7 @@ class ScFoundationModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file, write_json
+        from ..fsutil import atomic_file
 
         if preset not in cls.presets:
             raise UserError(f"model 'scfoundation' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
@@ -662,10 +649,7 @@ class ScFoundationModel(FoundationModel):
         container = {k: {"config": copy.deepcopy(sub_config), "state_dict": dict(ordered)} for k in SUBMODELS}
         with atomic_file(out_dir / CHECKPOINT_FILE) as tmp:
             torch.save(container, tmp)
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset)
         return out_dir
 
 

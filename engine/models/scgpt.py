@@ -88,8 +88,8 @@ from torch import nn
 
 from ..errors import UserError
 from .attention import SdpaSelfAttention
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import check_state, load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -553,26 +553,13 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[s
     out_w = state.get("cls_decoder.out_layer.weight")
     n_cls = int(out_w.shape[0]) if isinstance(out_w, torch.Tensor) and out_w.dim() == 2 else 1
     expected = official_shapes(cfg, len(vocab), n_cls)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {short_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {short_keys(unexpected)}")
-        raise UserError(
-            f"{path} does not match the scGPT architecture of its {ARGS_FILE} "
-            f"({cfg.nlayers} layers, d {cfg.d_model}); " + "; ".join(parts)
-        )
-    for key, shape in expected.items():
-        val = state[key]
-        if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape:
-            got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            why = ""
-            if key == "encoder.embedding.weight":
-                why = f" ({VOCAB_FILE} has {len(vocab)} tokens incl. special tokens)"
-            raise UserError(f"{path}: key {key} has shape {got}, {ARGS_FILE}/{VOCAB_FILE} need {shape}{why}")
+    emb = state.get("encoder.embedding.weight")
+    if isinstance(emb, torch.Tensor) and tuple(emb.shape) != expected["encoder.embedding.weight"]:
+        raise UserError(f"{path}: key encoder.embedding.weight has shape {tuple(emb.shape)}, {ARGS_FILE}/{VOCAB_FILE} "
+                        f"need {expected['encoder.embedding.weight']} ({VOCAB_FILE} has {len(vocab)} tokens incl. "
+                        "special tokens)")
+    check_state(state, expected, str(path), f"the scGPT architecture of its {ARGS_FILE} ({cfg.nlayers} layers, "
+                f"d {cfg.d_model})", f"{ARGS_FILE}/{VOCAB_FILE}")
     return cfg, vocab, {k: state[k] for k in official_encoder_shapes(cfg, len(vocab))}
 
 
@@ -734,10 +721,7 @@ class ScGPTModel(FoundationModel):
             torch.save(ordered, tmp)
         write_json(out_dir / ARGS_FILE, args)
         write_json(out_dir / VOCAB_FILE, vocab)
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset)
         return out_dir
 
 

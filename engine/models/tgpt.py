@@ -94,7 +94,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -756,11 +756,7 @@ class TgptModel(FoundationModel):
         with atomic_file(out_dir / TORCH_FILE) as tmp:
             torch.save(state, tmp)
         write_json(out_dir / CONFIG_FILE, cfg)
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights, not pretrained",
-             "tokenizer": tokenizer_note},
-        )
+        cls.mark_random(out_dir, preset, tokenizer=tokenizer_note)
         n_params = sum(math.prod(p.shape) for p in module.parameters())
         log.info("tgpt: wrote random %s checkpoint (%.1fM parameters; tokenizer %s) to %s", preset, n_params / 1e6,
                  tokenizer_note, out_dir)

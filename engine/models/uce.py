@@ -97,8 +97,8 @@ from torch import nn
 
 from ..errors import UserError
 from .attention import SdpaSelfAttention
-from .base import RANDOM_WEIGHTS_MARKER, CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import load_weights_file, short_keys
+from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .checkpoint import check_state, load_weights_file, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -566,17 +566,7 @@ def read_checkpoint(ckpt: Path, args: dict[str, int]) -> tuple[dict[str, Any], d
         raise UserError(f"{path} does not hold a state dict (name -> tensor)")
     cfg = _config_from_state(state, args, path)
     expected = official_shapes(cfg)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = [f"missing keys: {short_keys(missing)}"] if missing else []
-        parts += [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
-        raise UserError(f"{path} does not match the UCE architecture ({cfg['nlayers']} layers); " + "; ".join(parts))
-    for k, shape in expected.items():
-        v = state[k]
-        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise UserError(f"{path}: key {k} has shape {got}, the architecture needs {shape}")
+    check_state(state, expected, str(path), f"the UCE architecture ({cfg['nlayers']} layers)")
     return cfg, {_to_module_key(k): v for k, v in state.items()}
 
 
@@ -734,8 +724,5 @@ class UCE(FoundationModel):
         args = {k: v for k, v in args.items() if v != DEFAULT_ARGS[k]}
         if args:
             write_json(out_dir / ARGS_FILE, args)
-        write_json(
-            out_dir / RANDOM_WEIGHTS_MARKER,
-            {"model": cls.name, "preset": preset, "note": "random weights and random stand-in assets, not pretrained"},
-        )
+        cls.mark_random(out_dir, preset, "random weights and random stand-in assets, not pretrained")
         return out_dir
