@@ -137,7 +137,7 @@ def embed_block(model: FoundationModel, module: Any, block: dict[str, np.ndarray
     return {"cell_id": block["cell_id"], "embedding": result, "n_tokens": lengths, "padded_tokens": padded}
 
 
-def _keep_cells(batch: dict[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
+def keep_cells(batch: dict[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
     mask = np.fromiter((c in wanted for c in batch["cell_id"]), dtype=bool, count=len(batch["cell_id"]))
     return {k: v[mask] for k, v in batch.items()}
 
@@ -189,7 +189,7 @@ def embed_store(
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
     if cell_ids is not None:
         wanted = list(cell_ids)
-        ds = ds.map_batches(_keep_cells, fn_args=(frozenset(wanted),), batch_format="numpy")
+        ds = ds.map_batches(keep_cells, fn_args=(frozenset(wanted),), batch_format="numpy")
     else:
         wanted = store.obs(["cell_id"])["cell_id"].tolist()
     n = len(wanted)

@@ -276,13 +276,6 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
 # -------------------------------------------------------------------------------------------- data
 
 
-def _select_labelled(batch: dict[str, np.ndarray], labels: dict[str, int]) -> dict[str, np.ndarray]:
-    keep = np.fromiter((c in labels for c in batch["cell_id"]), dtype=bool, count=len(batch["cell_id"]))
-    out = {k: v[keep] for k, v in batch.items()}
-    out["label"] = np.fromiter((labels[c] for c in out["cell_id"]), dtype=np.int64, count=int(keep.sum()))
-    return out
-
-
 def _add_labels(table: Any, labels: dict[str, int]) -> Any:
     import pyarrow as pa
 
@@ -295,11 +288,11 @@ def labelled_dataset(fm: FoundationModel, store: CellStore, cell_labels: dict[st
     """A Ray Dataset of the given cells, tokenized, with a ``label`` column."""
     import ray
 
-    from ..pipeline.embed import tokenize_rows
+    from ..pipeline.embed import keep_cells, tokenize_rows
 
     tokenizer = fm.make_tokenizer(store.genes)
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
-    ds = ds.map_batches(_select_labelled, fn_args=(cell_labels,), batch_format="numpy")
+    ds = ds.map_batches(keep_cells, fn_args=(frozenset(cell_labels),), batch_format="numpy")
     ds = ds.map_batches(
         lambda b, tok=tokenizer, lab=cell_labels: _add_labels(tokenize_rows(b, tok), lab),
         batch_size=block_cells, batch_format="numpy",
