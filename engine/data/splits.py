@@ -163,11 +163,9 @@ def pooled_folds(
                               None, 0))
         return folds
 
-    # split == "sample": stratified k-fold over SAMPLES by their label, so every test fold gets whole
-    # samples of both classes. (sklearn's StratifiedGroupKFold balances cell counts instead, and with
-    # sample-level labels and uneven sample sizes it can leave a test fold with one class only.)
-    from sklearn.model_selection import StratifiedKFold
-
+    # split == "sample": stratified k-fold over SAMPLES, so every test fold gets whole samples of both
+    # classes. (sklearn's StratifiedGroupKFold balances cell counts instead, and with sample-level labels
+    # and uneven sample sizes it can leave a test fold with one class only.)
     groups = _sample_groups(lab, "pooled split: sample")
     sample_y = _sample_labels(lab["y"], groups)
     for c, cls in ((1, "sensitive"), (0, "resistant")):
@@ -178,9 +176,8 @@ def pooled_folds(
     names = sample_y.index.to_numpy().astype(str)
     order = np.argsort(names)  # fold assignment must not depend on the order samples appear in
     names, sy = names[order], sample_y.to_numpy()[order]
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed & 0xFFFFFFFF)
     g_all = groups.to_numpy().astype(str)
-    for k, (_, te_s) in enumerate(skf.split(np.zeros(len(sy)), sy)):
+    for k, te_s in enumerate(_sample_fold_tests(names, sy, n_folds, seed)):
         is_test = np.isin(g_all, names[te_s])
         tr_rows, tr_groups, tr_y = rows_all[~is_test], g_all[~is_test], y_all[~is_test]
         val = _carve_val_samples(tr_rows, tr_groups, tr_y, val_fraction, _rng(seed, "pooled-sample-val", k))
@@ -188,6 +185,37 @@ def pooled_folds(
         folds.append(Fold("pooled", k, f"pooled/sample/fold{k}", _rows(train), _rows(val),
                           _rows(rows_all[is_test]), None, 0))
     return folds
+
+
+def _sample_fold_tests(names: np.ndarray, sample_y: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
+    """Test samples of each fold (indices into ``names``, which are "dataset/sample").
+
+    Samples are held out in pairs: within each dataset a sensitive sample is paired with a resistant one
+    (seeded), and the pairs (then the unpaired rest) are dealt round-robin to the folds. The training
+    side thus keeps each dataset's label balance. Holding out samples stratified by label alone can take
+    one class of a dataset out and tilt its training labels the other way; a classifier that has learnt
+    dataset identity is then anti-correlated with the test labels (AUROC far below 0.5 on data with no
+    signal). When there are fewer pairs than folds, falls back to stratifying samples by label."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = _rng(seed, "pooled-sample-pairs")
+    dataset = np.array([n.split("/", 1)[0] for n in names])
+    pairs: list[list[int]] = []
+    singles: list[list[int]] = []
+    for ds in np.unique(dataset):
+        sens = rng.permutation(np.flatnonzero((dataset == ds) & (sample_y == 1))).tolist()
+        res = rng.permutation(np.flatnonzero((dataset == ds) & (sample_y == 0))).tolist()
+        n = min(len(sens), len(res))
+        pairs += [[a, b] for a, b in zip(sens[:n], res[:n], strict=True)]
+        singles += [[x] for x in sens[n:] + res[n:]]
+    if len(pairs) >= n_folds:
+        blocks = [pairs[i] for i in rng.permutation(len(pairs))] + [singles[i] for i in rng.permutation(len(singles))]
+        tests: list[list[int]] = [[] for _ in range(n_folds)]
+        for i, block in enumerate(blocks):
+            tests[i % n_folds] += block
+        return [np.sort(np.asarray(t, dtype=np.int64)) for t in tests]
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed & 0xFFFFFFFF)
+    return [te for _, te in skf.split(np.zeros(len(names)), sample_y)]
 
 
 # --------------------------------------------------------------------------------------- cross-data
