@@ -169,8 +169,18 @@ def serve_cmd(
     replica_cpus: Annotated[float, typer.Option(help="CPUs per predictor replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="GPUs per predictor replica.")] = 0.0,
     address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
+    llm: Annotated[Path | None, typer.Option(help="Also serve this Hugging Face causal-LM directory (e.g. "
+                                             "Meta-Llama-3-8B) with vLLM: OpenAI-compatible /v1/embeddings, "
+                                             "/v1/completions, /v1/chat/completions and /v1/llm/embed-cells.")] = None,
+    llm_name: Annotated[str, typer.Option(help="The LLM's model id (NAME for chat/completions, NAME-embed for "
+                                          "embeddings).")] = "llama",
+    llm_cpus: Annotated[float, typer.Option(help="CPUs per LLM engine (two engines unless --llm-embed-only).")] = 1.0,
+    llm_gpus: Annotated[float, typer.Option(help="GPUs per LLM engine.")] = 0.0,
+    llm_kv_cache_gb: Annotated[float, typer.Option(help="vLLM KV cache per engine on CPU, GiB.")] = 1.0,
+    llm_embed_only: Annotated[bool, typer.Option(help="Only the embedding engine (no chat/completions).")] = False,
 ) -> None:
-    """Serve registry models: REST API (/v1/...), OpenAPI docs (/docs) and a web page (/), on Ray Serve."""
+    """Serve registry models: REST API (/v1/...), OpenAPI docs (/docs) and a web page (/), on Ray Serve; with
+    --llm also an LLM behind OpenAI-compatible routes."""
     import os
 
     from scdrugmap_ray.engine.registry import Registry
@@ -188,11 +198,20 @@ def serve_cmd(
         min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
         max_models_per_replica=max_models_per_replica, max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_ms / 1000, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+        llm=str(llm.resolve()) if llm else None, llm_name=llm_name, llm_cpus=llm_cpus, llm_gpus=llm_gpus,
+        llm_kv_cache_gb=llm_kv_cache_gb, llm_embed_only=llm_embed_only,
     )
+    if llm:
+        from scdrugmap_ray.serve.llm import llm_configs
+
+        llm_configs(cfg)  # a wrong directory or name is one line here, before any replica starts
     _init_ray(address)
     run_app(cfg, host=host, port=port)
     _say(f"serving {len(reg.names())} model(s) from {reg.root} at http://{host}:{port}/ (API docs: /docs); "
          "Ctrl-C stops")
+    if llm:
+        _say(f"LLM {llm_name} (chat/completions) and {llm_name}-embed (embeddings) from {llm}: OpenAI base URL "
+             f"http://{host}:{port}/v1")
     import signal
     import threading
 

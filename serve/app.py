@@ -8,6 +8,10 @@ deployments that load registry models on demand (``@serve.multiplexed``, LRU) an
     POST /v1/embed           the same inputs -> per-cell embeddings (the features the head reads)
     GET  /                   the web page (static HTML/JS, no CDN, works offline)
 
+With ``llm`` set (``serve --llm MODEL_DIR``), the same ingress also serves a vLLM-backed LLM through
+OpenAI-compatible routes (/v1/embeddings, /v1/completions, /v1/chat/completions, the LLMs listed by
+/v1/models) and cell-sentence embeddings (POST /v1/llm/embed-cells): see serve/llm.py.
+
 Bad input is a 4xx with a message, never a 500: 401 (API key), 404 (unknown model), 413 (body or cell
 count too large), 415 (not an .h5ad), 422 (validation: unknown genes, no overlap with the model's genes,
 non-count values for a count model, empty request). Model names are validated by the registry before
@@ -49,6 +53,12 @@ class ServeConfig:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     ingress_cpus: float = 0.0
+    llm: str | None = None  # a Hugging Face causal-LM directory: adds the LLM deployments (serve/llm.py)
+    llm_name: str = "llama"
+    llm_cpus: float = 1.0  # per LLM engine (two engines: generation and embeddings)
+    llm_gpus: float = 0.0
+    llm_kv_cache_gb: float = 1.0  # vLLM's KV cache on CPU
+    llm_embed_only: bool = False  # only the embedding engine (no chat/completions)
 
 
 class RequestError(Exception):
@@ -230,11 +240,15 @@ def build_app(cfg: ServeConfig) -> Any:
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
-    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
-                      max_ongoing_requests=256)
-    @serve.ingress(api)
-    class Ingress:
-        def __init__(self, predictor: Any) -> None:
+    from . import llm as llm_mod
+
+    bases: tuple[type, ...] = (llm_mod.ingress_base(),) if cfg.llm else ()
+
+    class Ingress(*bases):  # type: ignore[misc]
+        def __init__(self, predictor: Any, llm_deployments: dict[str, Any] | None = None,
+                     model_cards: dict[str, Any] | None = None) -> None:
+            if bases:
+                super().__init__(llm_deployments, model_cards)
             self.predictor = predictor
             self.registry = Registry(cfg.registry)
             self._vocab: dict[str, list[str]] = {}
@@ -267,11 +281,13 @@ def build_app(cfg: ServeConfig) -> Any:
 
         @api.get("/v1/models", dependencies=[Depends(check_key)])
         async def models(self) -> dict[str, Any]:
+            """Registry models (``models``) and, OpenAI-style, the served LLMs (``object``, ``data``)."""
             out = []
             for info in self.registry.list():
                 out.append({k: info.get(k) for k in ("name", "version", "kind", "model", "head", "random_weights",
                                                      "metrics", "cv_metrics", "created", "training_data")})
-            return {"models": out}
+            llms = await self.llm_model_list() if bases else []
+            return {"models": out, "object": "list", "data": llms}
 
         async def _cells(self, request: Request) -> tuple[str, bool, list[str], Any, Any, int, bool]:
             ctype = request.headers.get("content-type", "")
@@ -352,6 +368,33 @@ def build_app(cfg: ServeConfig) -> Any:
                     "cells": [{"cell_id": c, "embedding": np.round(f, 6).tolist()}
                               for c, f in zip(ids, feats, strict=True)]}
 
+        @api.post("/v1/llm/embed-cells", dependencies=[Depends(check_key)])
+        async def embed_cells(self, request: Request) -> dict[str, Any]:
+            """LLaMa embeddings of cell sentences (the ``llama`` model's rule); the inputs of /v1/embed, with
+            ``model`` an LLM name (default: the served one) and optional ``top_k`` (genes per sentence)."""
+            if not bases:
+                raise RequestError(404, "no LLM is served: start the server with --llm MODEL_DIR")
+            from scdrugmap_ray.engine.llm.sentence import DEFAULT_TOP_K
+
+            top_k = DEFAULT_TOP_K
+            if request.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    body = await request.json()
+                except ValueError:
+                    raise RequestError(422, "the body is not valid JSON") from None
+                top_k = body.get("top_k", DEFAULT_TOP_K) if isinstance(body, dict) else DEFAULT_TOP_K
+            else:
+                form = await request.form()
+                top_k = form.get("top_k") or DEFAULT_TOP_K  # type: ignore[assignment]
+            try:
+                top_k = int(top_k)
+            except (ValueError, TypeError):
+                top_k = 0
+            if top_k < 1:
+                raise RequestError(422, "'top_k' must be a positive integer")
+            model_ref, _, ids, csr, genes, _, _ = await self._cells(request)
+            return await llm_mod.embed_cells(self, str(cfg.llm), model_ref or None, ids, csr, genes, top_k)
+
         @api.get("/", response_class=HTMLResponse, include_in_schema=False)
         async def page(self) -> HTMLResponse:
             return HTMLResponse(_static("index.html"))
@@ -363,7 +406,14 @@ def build_app(cfg: ServeConfig) -> Any:
                 raise RequestError(404, "not found")
             return Response(_static(name), media_type=types[name])
 
-    return Ingress.bind(Predictor.bind(cfg.registry))
+    if bases:
+        ingress_cls = llm_mod.mount(Ingress, api, [Depends(check_key)])
+        deployments, cards = llm_mod.bind_llm(cfg)
+    else:
+        ingress_cls, deployments, cards = serve.ingress(api)(Ingress), None, None
+    ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
+                               max_ongoing_requests=256)(ingress_cls)
+    return ingress.bind(Predictor.bind(cfg.registry), deployments, cards)
 
 
 def _static(name: str) -> str:
@@ -414,10 +464,12 @@ async def _send_json(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def run_app(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> Any:
-    """Start Serve's HTTP proxy on host:port and deploy the application (returns its handle)."""
+def run_app(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
+            name: str = APP_NAME, route_prefix: str = "/") -> Any:
+    """Start Serve's HTTP proxy on host:port and deploy the application (returns its handle). A second
+    application on the same proxy needs its own ``name`` and ``route_prefix``."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
     log.info("serve config: %s", {k: v for k, v in asdict(cfg).items() if k != "api_key"})
-    return serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
