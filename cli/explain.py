@@ -12,8 +12,9 @@ def explain(
     run_dir: Annotated[Path, typer.Argument(help="A finished benchmark run directory.")],
     unit: Annotated[str | None, typer.Option(help="Unit id (default: the best unit by mean AUROC).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: RUN_DIR/explain/UNIT).")] = None,
-    method: Annotated[str, typer.Option(help="Foundation-model attribution: ig (integrated gradients) or gxi "
-                                             "(gradient x input).")] = "ig",
+    method: Annotated[str, typer.Option(help="Foundation-model attribution: ig (integrated gradients), gxi "
+                                             "(gradient x input) or attention (last-layer attention each gene "
+                                             "receives; geneformer and tgpt only).")] = "ig",
     max_cells: Annotated[int, typer.Option(help="Test cells attributed per fold (baselines).")] = 1000,
     fm_max_cells: Annotated[int, typer.Option(help="Test cells attributed per fold (foundation models).")] = 64,
     de_max_cells: Annotated[int, typer.Option(help="Cells per class and group in differential expression.")] = 2000,
@@ -26,8 +27,8 @@ def explain(
     from scdrugmap_ray.engine.errors import UserError
     from scdrugmap_ray.jobs.explain import ExplainOptions, explain_run
 
-    if method not in ("ig", "gxi"):
-        raise UserError(f"--method must be ig or gxi, got {method!r}")
+    if method not in ("ig", "gxi", "attention"):
+        raise UserError(f"--method must be ig, gxi or attention, got {method!r}")
     for name, value in (("--max-cells", max_cells), ("--fm-max-cells", fm_max_cells), ("--de-max-cells", de_max_cells),
                         ("--top", top), ("--workers", workers)):
         if value < 1:

@@ -33,6 +33,7 @@ from scdrugmap_ray.engine.explain.attribution import (
     attribute_baseline,
     attribute_fm,
     gene_coefficients,
+    supports,
 )
 from scdrugmap_ray.engine.explain.de import log_normalize, sample_rows, wilcoxon_de
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
@@ -49,7 +50,7 @@ LEVELS = ("dataset", "cancer_type", "regimen")  # biomarker groupings besides "a
 @dataclass
 class ExplainOptions:
     unit: str | None = None
-    method: str = "ig"  # ig | gxi (foundation models)
+    method: str = "ig"  # ig | gxi | attention (foundation models; attention: geneformer and tgpt only)
     max_cells: int = 1000  # attributed test cells per fold
     fm_max_cells: int = 64  # attributed test cells per fold for foundation models (expensive on CPU)
     n_steps: int = 32  # integrated-gradients steps (baselines); foundation models use half
@@ -213,7 +214,7 @@ def attribute_rows(fmod: FoldModel, store: CellStore, obs: pd.DataFrame, rows: n
         else:
             gi, vals, _ = _cells_of(store, part)
             ids = obs["cell_id"].astype(str).to_numpy()[part]
-            attr, delta, _ = attribute_fm(fmod.model, fmod.module, fmod.head, tokenizer, adapter_for(fmod.model.name),
+            attr, delta, _ = attribute_fm(fmod.model, fmod.module, fmod.head, tokenizer, adapter,
                                           ids, gi, vals, store.n_genes, opts.method, max(4, opts.n_steps // 2))
             scale = np.abs(attr.sum(axis=1)) + 1e-12
         sl = slice(start, start + len(part))
@@ -415,6 +416,13 @@ def embedding_2d(store: CellStore, preds_rows: np.ndarray, emb: np.ndarray | Non
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _median(values: list[float]) -> float | None:
+    """Median of the finite values (gxi and attention have no completeness error: None, not NaN in JSON)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else None
+
+
 def _write(df: pd.DataFrame, path: Path) -> None:
     with atomic_file(path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -489,12 +497,16 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
         path = embedding_path(cache, store, model.identity())
         emb = read_embeddings(path) if path.exists() else model.embed_store(store)
     attributable = unit.strategy in ("frozen", "lora") and (isinstance(model, FittedFeatureModel) or (
-        isinstance(model, FoundationModel) and adapter_for(model.name) is not None))
+        isinstance(model, FoundationModel) and supports(model.name, opts.method)))
     notes: list[str] = []
     if not attributable:
-        why = (f"strategy {unit.strategy!r} has no trained model to attribute"
-               if unit.strategy not in ("frozen", "lora")
-               else f"model {unit.model.name!r} has no gene-token embedding adapter")
+        if unit.strategy not in ("frozen", "lora"):
+            why = f"strategy {unit.strategy!r} has no trained model to attribute"
+        elif adapter_for(unit.model.name) is not None:  # method attention, a model without eager attention
+            why = (f"model {unit.model.name!r} exposes no attention weights (its attention is fused: SDPA, "
+                   "Performer or flow attention); use --method ig or gxi")
+        else:
+            why = f"model {unit.model.name!r} has no attribution adapter"
         notes.append(f"no gene attributions ({why}); DE and resistance analysis only")
     sums: dict[str, GeneSums] = {}
     coefs: list[np.ndarray] = []
@@ -568,9 +580,10 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
         if "random_weights" in results else False
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "unit_id": unit_id, "model": unit.model.name, "strategy": unit.strategy,
-        "head": unit.head, "random_weights": random_weights, "method": opts.method if attributable else None,
+        "head": unit.head, "random_weights": random_weights,
+        "method": (opts.method if isinstance(model, FoundationModel) else "ig") if attributable else None,
         "n_folds": len(unit.folds), "n_attributed_cells": sums["all"].n_cells if sums else 0,
-        "completeness_error_median": float(np.nanmedian(sums["all"].deltas)) if sums and sums["all"].deltas else None,
+        "completeness_error_median": _median(sums["all"].deltas) if sums else None,
         "refit_max_abs_diff": refit_diff, "n_de_significant_q05": n_sig,
         "planted_genes": len(planted), f"precision_at_{opts.top}": recovery, "notes": notes,
         "levels": list(levels),

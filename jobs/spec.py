@@ -119,7 +119,7 @@ class ExplainSpec(_Strict):
     """``explain:`` block: explain a unit when the run finishes (see ``scdrugmap-ray explain --help``)."""
 
     unit: str | None = None  # default: the best unit by mean AUROC
-    method: Literal["ig", "gxi"] = "ig"
+    method: Literal["ig", "gxi", "attention"] = "ig"  # attention: geneformer and tgpt only
     max_cells: int = Field(1000, ge=1)
     fm_max_cells: int = Field(64, ge=1)
     de_max_cells: int = Field(2000, ge=1)

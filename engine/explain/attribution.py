@@ -10,13 +10,46 @@ one towards resistant.
   input genes, from the average training cell as baseline. For PCA + logistic regression the model is
   linear, so the attributions are exactly coefficient x (x - mean); the coefficients themselves, mapped
   to genes through the PCA loadings (``gene_coefficients``), are the model's own per-gene weights.
-* Foundation models: captum's ``LayerIntegratedGradients`` (or ``LayerGradientXActivation``, method
-  ``gxi``) on the model's gene-token embedding layer, through backbone (+ LoRA adapter, merged) + embedding
-  rule + head; the per-token attribution is summed over the embedding dimension and mapped back to the
-  store's genes through the tokenizer's own gene -> token lookup. The baseline input replaces every gene
-  token by the padding token (special tokens such as <cls> stay), attention masks unchanged.
-  ``ADAPTERS`` says, per model, where the gene-token embedding is and how tokens map to genes; models
-  without an adapter get DE and resistance analysis but no attributions (said in the output).
+* Foundation models (``ADAPTERS``, one mechanism with a few fields per model): captum's
+  ``LayerIntegratedGradients`` (or ``LayerGradientXActivation``, method ``gxi``) on the layer whose output
+  carries the cell's expression, through backbone (+ LoRA adapter, merged) + embedding rule + head; the
+  per-token attribution is summed over the embedding dimension and mapped back to the store's genes through
+  the tokenizer's own gene mapping, matched to the cell's own expressed genes (copies of a repeated gene add
+  up; special tokens, and genes the model lacks, get nothing). The baseline changes only the attributed
+  input at gene tokens (special tokens, positions, masks and other batch keys pass through unchanged):
+
+  - scGPT: the gene-token embedding ``encoder.embedding``; baseline: ``<pad>`` at every gene token.
+  - Geneformer: ``bert.embeddings.word_embeddings`` (gene tokens ranked by normalised expression);
+    baseline: ``<pad>`` (token 0).
+  - tGPT: GPT-2 ``wte`` (gene-symbol tokens ranked by expression); baseline: ``<pad>``. Genes whose symbol
+    is several words or ``<unk>`` are not attributed (no one token is theirs).
+  - UCE: ``pe_embedding`` (the protein-embedding row of each sampled gene; a gene drawn k times has k tokens,
+    summed); CLS and chromosome start/end tokens are special by their place in the sentence (in the
+    released token table their ids are also rows of the first species' genes). Baseline:
+    ``pad_token_idx`` (0), the token the original pads with (masked there; here it stands at unmasked
+    gene places: "a token with no gene of the cell").
+  - scBERT: ``token_emb``, the expression-bin embedding (bins 0..5; every token position is a fixed Panglao
+    gene, the gene2vec positional embedding is not attributed); baseline: bin 0 ("not expressed") at the
+    cell's expressed genes, so genes the cell lacks (bin 0 already) get exactly 0.
+  - CellLM: ``token_emb`` (expression tokens 0..5; gene identity is ``pos_emb``); baseline: token 0 (the
+    value bin the original gives to values below 1) at every gene token; CLS and padding unchanged.
+  - scFoundation: ``token_emb``, the auto-discretization value embedding of the encoder's (expressed) genes;
+    baseline: value 0 at each gene token (the value the original gives non-expressed genes in its decoder),
+    the gene's positional embedding and the T/S tokens unchanged.
+  - CellPLM (a cell is one token: ``log1p(counts) @ gene embeddings``): captum's ``IntegratedGradients`` /
+    ``InputXGradient`` on the float input ``values`` (log1p counts of the cell's genes), baseline 0 (nothing
+    expressed). Its GMVAE cluster is an argmax, a step function: where a path crosses a cluster boundary,
+    completeness misses that jump (the reported completeness error shows it).
+
+  ``gxi`` is gradient x the same layer's activation (CellPLM: gradient x input), on the same gene tokens.
+  Cells and integration steps go through the model in passes of at most ``FM_TOKENS_PER_PASS`` tokens, so
+  memory stays bounded (scBERT: 16,907 tokens per cell).
+
+  Method ``attention`` (geneformer and tgpt only; HF models run eagerly for it): per gene, the attention its
+  token receives in the last layer that feeds the embedding, averaged over heads and over the real query
+  tokens (padding masked); unsigned and class-blind. The other models' attention is fused (SDPA, Performer,
+  flow attention) and exposes no weights: ``explain`` says so instead of attributing.
+  Models without an adapter get DE and resistance analysis but no attributions (said in the output).
 
 Per-cell attributions are reduced at once to per-gene sums by (dataset, class) (``GeneSums``), so memory
 does not grow with the number of cells.
@@ -25,7 +58,8 @@ does not grow with the number of cells.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,46 +237,176 @@ def attribute_baseline(
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where a foundation model's gene-token embedding is, and its tokenizer's store position -> token id."""
+    """How one foundation model's input is attributed; one mechanism for all, a few fields per model.
 
-    layer: Callable[[Any], Any]
-    position_to_token: Callable[[Any], np.ndarray]
-    ids_key: str = "input_ids"
+    ``key`` is the collated batch entry that carries the cell's expression-dependent input (gene token ids,
+    expression bins or values); ``layer`` the module whose output is attributed (LayerIntegratedGradients),
+    or None to attribute the float input ``key`` itself (IntegratedGradients). A token's gene: its entry in
+    the tokenizer's ``gene_key`` row (a vocabulary id or the model's gene index; None: the token's position
+    in the row), matched to the cell's own expressed store genes through ``lookup(model, tokenizer)`` (store
+    position -> that id, -1 for genes the model lacks). The baseline puts ``baseline`` (None: the collate's
+    padding value) into ``key`` at every gene token; ``special(tokenizer, row)`` marks tokens that are never
+    genes even if their id is also a gene's. ``attention`` gives per-token attention scores (models whose
+    attention can run eager)."""
+
+    layer: Callable[[Any], Any] | None
+    lookup: Callable[[Any, Any], np.ndarray]
+    key: str = "input_ids"
+    gene_key: str | None = "input_ids"
+    baseline: float | None = None
+    special: Callable[[Any, np.ndarray], np.ndarray] | None = None
+    attention: Callable[[FoundationModel, Any, dict[str, Any]], Any] | None = None
 
 
-def _geneformer_lookup(tok: Any) -> np.ndarray:
+def _geneformer_lookup(fm: Any, tok: Any) -> np.ndarray:
     return np.where(tok.col_of_pos >= 0, tok.col_token[np.maximum(tok.col_of_pos, 0)], -1)
 
 
+def _tgpt_lookup(fm: Any, tok: Any) -> np.ndarray:
+    # one-word genes only (a multi-word symbol spreads over several tokens); <unk> is no particular gene
+    single = np.asarray(tok.single, dtype=np.int64)
+    return np.where(single == fm.vocabulary().unk_id, -1, single)
+
+
+def _uce_special(tok: Any, ids: np.ndarray) -> np.ndarray:
+    """CLS, chromosome-start and chromosome-end tokens: by place, since in the released token table their
+    ids are rows of the first species' protein embeddings too. Layout: CLS, (chrom, genes..., end)*."""
+    ids = np.asarray(ids, dtype=np.int64)
+    chrom = ids >= tok.args["CHROM_TOKEN_OFFSET"]
+    out = chrom.copy()
+    out[:1] = True
+    out[:-1] |= chrom[1:]  # the end token before the next chromosome's start
+    if len(ids) > 1:
+        out[-1] = True  # the last chromosome's end token
+    return out
+
+
+@contextmanager
+def _eager_attention(config: Any) -> Iterator[None]:
+    """Run an HF model with the eager softmax (SDPA returns no attention weights), then restore."""
+    old = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _received_attention(attn: Any, mask: Any) -> Any:
+    """[n, heads, L, L] attention -> [n, L]: what each token receives, averaged over heads and over the
+    real (unpadded) query tokens; 0 on padding."""
+    m = mask.to(attn.dtype)
+    a = attn.mean(dim=1) * m[:, :, None]
+    return a.sum(dim=1) / m.sum(dim=1, keepdim=True).clamp(min=1) * m
+
+
+def _geneformer_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
+    bert = getattr(module, "bert", module)
+    with _eager_attention(bert.config):
+        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    # the last layer that feeds the embedding (option emb_layer; hidden_states[k] is layer k's output)
+    return _received_attention(out.attentions[max(fm.layer_index, 1) - 1].float(), batch["attention_mask"])
+
+
+def _tgpt_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
+    body = getattr(module, "transformer", module)
+    with _eager_attention(body.config):
+        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   output_attentions=True)
+    return _received_attention(out.attentions[-1].float(), batch["attention_mask"])
+
+
+def _lookup(fm: Any, tok: Any) -> np.ndarray:
+    return tok.lookup
+
+
 ADAPTERS: dict[str, Adapter] = {
-    "scgpt": Adapter(layer=lambda m: m.encoder.embedding, position_to_token=lambda tok: tok.lookup),
-    "geneformer": Adapter(
-        layer=lambda m: getattr(m, "bert", m).embeddings.word_embeddings, position_to_token=_geneformer_lookup
-    ),
+    # gene-as-token models: the gene-token embedding; baseline = the padding token at every gene token
+    "scgpt": Adapter(layer=lambda m: m.encoder.embedding, lookup=_lookup),
+    "geneformer": Adapter(layer=lambda m: getattr(m, "bert", m).embeddings.word_embeddings,
+                          lookup=_geneformer_lookup, attention=_geneformer_attention),
+    "tgpt": Adapter(layer=lambda m: getattr(m, "transformer", m).wte, lookup=_tgpt_lookup,
+                    attention=_tgpt_attention),
+    "uce": Adapter(layer=lambda m: m.pe_embedding, lookup=lambda fm, tok: tok.token, special=_uce_special),
+    # position-identified models: the expression-value embedding; baseline = "not expressed"
+    "scbert": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, gene_key=None, baseline=0),
+    "celllm": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, key="tokens", baseline=0),
+    "scfoundation": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, key="values", baseline=0.0),
+    # cell-as-token model: its input expression values themselves
+    "cellplm": Adapter(layer=None, lookup=_lookup, key="values", baseline=0.0),
 }
+
+METHODS = ("ig", "gxi", "attention")
+#: tokens (cells x sequence length, all integration steps together) in one forward/backward pass; bounds
+#: the memory of integrated gradients (the cells of a batch are split, the steps chunked, to fit)
+FM_TOKENS_PER_PASS = 1 << 16
 
 
 def adapter_for(model_name: str) -> Adapter | None:
     return ADAPTERS.get(model_name)
 
 
-def token_genes(ids: np.ndarray, gene_index: np.ndarray, lookup: np.ndarray) -> np.ndarray:
+def supports(model_name: str, method: str) -> bool:
+    """Whether ``method`` can attribute ``model_name`` (``attention``: only models exposing attention)."""
+    adapter = ADAPTERS.get(model_name)
+    return adapter is not None and (method != "attention" or adapter.attention is not None)
+
+
+def token_genes(ids: np.ndarray, gene_index: np.ndarray, lookup: np.ndarray,
+                special: np.ndarray | None = None) -> np.ndarray:
     """Store gene position of each token of one cell (-1 for special tokens): token ids are matched to
-    the cell's own expressed genes, so a vocabulary id shared by two store genes maps to the one present."""
+    the cell's own expressed genes, so a vocabulary id shared by two store genes maps to the one present
+    (and every copy of a repeated gene maps to it)."""
     gene_index = np.asarray(gene_index, dtype=np.int64)
     tok = lookup[gene_index]
     first: dict[int, int] = {}
     for pos, t in zip(gene_index.tolist(), tok.tolist(), strict=True):
         if t >= 0 and t not in first:
             first[t] = pos
-    return np.fromiter((first.get(int(t), -1) for t in ids), dtype=np.int64, count=len(ids))
+    out = np.fromiter((first.get(int(t), -1) for t in ids), dtype=np.int64, count=len(ids))
+    if special is not None:
+        out[np.asarray(special, dtype=bool)] = -1
+    return out
 
 
-def _pad_id(fm: FoundationModel, rows: dict[str, list[np.ndarray]], key: str) -> int:
-    """The model's padding token id, read from its own collate (one cell padded by one position)."""
+def _pad_value(fm: FoundationModel, rows: dict[str, list[np.ndarray]], key: str) -> float:
+    """The model's padding value of ``key``, read from its own collate (one cell padded by one position)."""
     one = {k: [v[0]] for k, v in rows.items()}
     batch = fm.collate(one, pad_to=len(rows[key][0]) + 1)
-    return int(batch[key][0, -1])
+    return batch[key][0, -1].item()
+
+
+@dataclass
+class FmInputs:
+    """One batch of cells as a foundation model sees it, with its attribution baseline."""
+
+    batch: dict[str, Any]  # the collated batch
+    baseline: dict[str, Any]  # the same batch with ``adapter.key`` set to the baseline at every gene token
+    token_gene: list[np.ndarray]  # per cell: store gene position of each token (-1: not a gene of the cell)
+
+
+def fm_inputs(fm: FoundationModel, tokenizer: Any, adapter: Adapter, cell_ids: np.ndarray,
+              gene_index: list[np.ndarray], values: list[np.ndarray]) -> FmInputs:
+    """Tokenize and collate cells, map their tokens to store genes, and build the baseline batch."""
+    import torch
+
+    rows = tokenizer(np.asarray(cell_ids), gene_index, values)
+    key = adapter.key
+    batch = fm.collate(rows)
+    lookup = adapter.lookup(fm, tokenizer)
+    tok_gene = []
+    for i, gi in enumerate(gene_index):
+        row = rows[key][i] if adapter.gene_key is None else rows[adapter.gene_key][i]
+        ident = np.arange(len(row)) if adapter.gene_key is None else row
+        special = adapter.special(tokenizer, ident) if adapter.special is not None else None
+        tok_gene.append(token_genes(ident, gi, lookup, special))
+    x = batch[key]
+    is_gene = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, tg in enumerate(tok_gene):
+        is_gene[i, : len(tg)] = torch.from_numpy(tg >= 0)
+    fill = _pad_value(fm, rows, key) if adapter.baseline is None else adapter.baseline
+    base = {**batch, key: torch.where(is_gene, torch.full_like(x, fill), x)}
+    return FmInputs(batch, base, tok_gene)
 
 
 def attribute_fm(
@@ -259,44 +423,59 @@ def attribute_fm(
     n_steps: int = 16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gene attributions [cells, n_genes], completeness error per cell, score per cell) of one batch of
-    cells, through the model's gene-token embedding layer."""
+    cells (see the module docstring for what each model is attributed with respect to)."""
     import torch
-    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
+    from captum.attr import (
+        InputXGradient,
+        IntegratedGradients,
+        LayerGradientXActivation,
+        LayerIntegratedGradients,
+    )
 
-    rows = tokenizer(np.asarray(cell_ids), gene_index, values)
-    key = adapter.ids_key
-    batch = fm.collate(rows)
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r} ({', '.join(METHODS)})")
+    inp = fm_inputs(fm, tokenizer, adapter, cell_ids, gene_index, values)
+    key, batch, tok_gene = adapter.key, inp.batch, inp.token_gene
+    # memory: at most FM_TOKENS_PER_PASS tokens through the model per pass (scBERT: 16,907 per cell)
+    per_pass = max(1, FM_TOKENS_PER_PASS // max(1, batch[key].shape[1]))
+    if len(cell_ids) > per_pass:
+        parts = [attribute_fm(fm, module, head, tokenizer, adapter, cell_ids[a:a + per_pass],
+                              gene_index[a:a + per_pass], values[a:a + per_pass], n_genes, method, n_steps)
+                 for a in range(0, len(cell_ids), per_pass)]
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
     keys = [k for k, v in batch.items() if k != key and isinstance(v, torch.Tensor)]
     score = head_score_fn(head)
 
-    def forward(ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        b = {key: ids, **dict(zip(keys, rest, strict=True))}
+    def forward(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        b = {key: x, **dict(zip(keys, rest, strict=True))}
         b.update({k: v for k, v in batch.items() if k not in b})
         return score(fm.embed(module, b).float())
 
-    lookup = adapter.position_to_token(tokenizer)
-    tok_gene = [token_genes(ids, gi, lookup) for ids, gi in zip(rows[key], gene_index, strict=True)]
-    ids = batch[key]
-    is_gene = torch.zeros_like(ids, dtype=torch.bool)
-    for i, tg in enumerate(tok_gene):
-        is_gene[i, : len(tg)] = torch.from_numpy(tg >= 0)
-    pad = _pad_id(fm, rows, key)
-    base_ids = torch.where(is_gene, torch.full_like(ids, pad), ids)
+    x, base = batch[key], inp.baseline[key]
     extra = tuple(batch[k] for k in keys)
-    layer = adapter.layer(module)
     with torch.no_grad():
-        s = forward(ids, *extra)
-    if method == "ig":
-        lig = LayerIntegratedGradients(forward, layer)
-        attr, delta = lig.attribute(ids, baselines=base_ids, additional_forward_args=extra, n_steps=n_steps,
-                                    return_convergence_delta=True)
-        delta = delta.detach().abs().numpy()
-    elif method == "gxi":
-        attr = LayerGradientXActivation(forward, layer).attribute(ids, additional_forward_args=extra)
-        delta = np.full(len(cell_ids), np.nan)
+        s = forward(x, *extra)
+    delta = np.full(len(cell_ids), np.nan)
+    if method == "attention":
+        if adapter.attention is None:
+            raise ValueError(f"model {fm.name!r} exposes no attention weights (method attention)")
+        with torch.no_grad():
+            attr = adapter.attention(fm, module, batch)
+    elif method == "ig":
+        if adapter.layer is None:
+            ig: Any = IntegratedGradients(forward)
+        else:
+            ig = LayerIntegratedGradients(forward, adapter.layer(module))
+        attr, d = ig.attribute(x, baselines=base, additional_forward_args=extra, n_steps=n_steps,
+                               internal_batch_size=per_pass, return_convergence_delta=True)
+        delta = d.detach().abs().numpy()
+    elif adapter.layer is None:
+        # gradient x (input - baseline 0)
+        attr = InputXGradient(forward).attribute(x.clone().requires_grad_(), additional_forward_args=extra)
     else:
-        raise ValueError(f"unknown attribution method {method!r} (ig or gxi)")
-    per_token = attr.detach().float().sum(dim=-1).numpy()  # [cells, tokens]
+        attr = LayerGradientXActivation(forward, adapter.layer(module)).attribute(x, additional_forward_args=extra)
+    attr = attr.detach().float()
+    per_token = (attr.sum(dim=-1) if attr.dim() == 3 else attr).numpy()  # [cells, tokens]
     out = np.zeros((len(cell_ids), n_genes), dtype=np.float64)
     for i, tg in enumerate(tok_gene):
         ok = tg >= 0
