@@ -1,10 +1,11 @@
 """``scdrugmap-ray explain RUN_DIR``: gene attributions, differential expression, biomarkers and resistance
 analysis of one unit of a finished benchmark run.
 
-Frozen units do not keep their fitted featurizers and heads, so they are refitted here exactly as the
-runner fitted them: same spec, same store, same folds (``plan_units``), same seed; the refitted model's
-test predictions are compared with the stored ones (``summary.json``: ``refit_max_abs_diff``). LoRA
-units load each fold's saved model (``units/<unit>/<fold>.lora/model``).
+Frozen units load the fitted featurizer and head the runner saved per fold (runs from before that are
+refitted exactly as the runner fitted them: same spec, store, folds, seed); LoRA units load each fold's
+saved adapter + head (``units/<unit>/<fold>.lora/model``). Either way the model's test predictions (for
+LoRA: of the attributed cells) are compared with the stored ones (``summary.json``:
+``refit_max_abs_diff``), so the attributions are known to explain the model that was evaluated.
 
 Outputs (``--out``): ``attributions.parquet`` (per gene, ranked, by level/group), ``coefficients.parquet``
 (linear baselines), ``de.parquet`` (true and predicted classes side by side), ``biomarkers.parquet``,
@@ -189,6 +190,25 @@ def _cells_of(store: CellStore, rows: np.ndarray) -> tuple[list[np.ndarray], lis
     gi = [x.indices[x.indptr[i]:x.indptr[i + 1]].astype(np.int32) for i in range(x.shape[0])]
     vals = [x.data[x.indptr[i]:x.indptr[i + 1]].astype(np.float32) for i in range(x.shape[0])]
     return gi, vals, x
+
+
+def finetuned_p(fmod: FoldModel, store: CellStore, obs: pd.DataFrame, rows: np.ndarray, batch_cells: int) -> np.ndarray:
+    """p(sensitive) of some cells by the loaded LoRA backbone + head, in this process (padding is masked,
+    so a cell's value does not depend on its batch)."""
+    import torch
+
+    fm = fmod.model
+    tokenizer = fm.make_tokenizer(store.genes)
+    ids = obs["cell_id"].astype(str).to_numpy()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_cells):
+            part = rows[start:start + batch_cells]
+            gi, vals, _ = _cells_of(store, part)
+            batch = fm.collate(tokenizer(ids[part], gi, vals))
+            logits = fmod.head(fm.embed(fmod.module, batch).float())
+            out.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 def attribute_rows(fmod: FoldModel, store: CellStore, obs: pd.DataFrame, rows: np.ndarray,
@@ -514,16 +534,19 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
     pool = AttributorPool(opts.workers, store, obs, levels, opts) if attributable and opts.workers > 1 else None
     for fold in unit.folds if attributable else []:
         fmod = refit_fold(unit, fold, store, obs, spec, run_dir, emb)
+        limit = opts.max_cells if fmod.kind == "baseline" else opts.fm_max_cells
+        rows = sample_rows(fold.test, limit, opts.seed + fold.fold)
+        checked = fold.test
+        if fmod.kind == "lora":  # the loaded adapter + head must give the run's predictions (attributed cells)
+            fmod.p_test, checked = finetuned_p(fmod, store, obs, rows, opts.batch_cells), rows
         if fmod.p_test is not None:
             stored = preds.loc[preds["fold"] == fold.fold].set_index("cell_id")["p_sensitive"]
-            ids = obs["cell_id"].astype(str).to_numpy()[fold.test]
+            ids = obs["cell_id"].astype(str).to_numpy()[checked]
             refit_diff = max(refit_diff, float(np.max(np.abs(stored.reindex(ids).to_numpy() - fmod.p_test),
                                                       initial=0.0)))
         c = gene_coefficients(fmod.model, fmod.head)
         if c is not None:
             coefs.append(c)
-        limit = opts.max_cells if fmod.kind == "baseline" else opts.fm_max_cells
-        rows = sample_rows(fold.test, limit, opts.seed + fold.fold)
         fold_sums = pool.run(fmod, rows, opts.batch_cells) if pool else attribute_rows(fmod, store, obs, rows, opts,
                                                                                          levels)
         for lvl, s in fold_sums.items():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,16 @@ def test_lora_beside_frozen_in_a_benchmark(ray_session: None, tmp_path: Path) ->
         assert (model_dir / "head.safetensors").exists() and (model_dir / "genes.parquet").exists()
     assert len(list(run_dir.glob("units/*lora*/*.lora/model"))) == 2
     assert not list(run_dir.glob("units/*lora*/*.lora/ray"))  # training state removed once exported
+
+    # explain the LoRA unit: the loaded adapter + head reproduce the run's predictions, attributions follow
+    from scdrugmap_ray.jobs.explain import ExplainOptions, explain_run
+
+    unit = lora["unit_id"].iloc[0]
+    out = explain_run(run_dir, tmp_path / "explain", ExplainOptions(unit=unit, fm_max_cells=8, n_steps=8))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refit_max_abs_diff"] < 1e-4
+    attr = pd.read_parquet(out / "attributions.parquet")
+    assert attr["importance"].gt(0).any()
 
 
 def test_lora_refused_for_a_baseline(tmp_path: Path) -> None:
