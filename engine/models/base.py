@@ -15,6 +15,7 @@ third-party models plug in through the ``scdrugmap_ray.models`` entry point grou
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -137,6 +138,15 @@ class CellTokenizer(ABC):
 
     #: fraction of the store's genes (with any expression) that the model's vocabulary knows
     coverage: float
+
+    def log_coverage(self, model: str, vocabulary: str) -> None:
+        """One log line: how many store genes the model knows, for tokenizers that count ``n_matched``,
+        ``n_store_genes`` and ``vocab_coverage`` (the fraction of the model's own genes present)."""
+        logging.getLogger(__name__).info(
+            "%s: %d of the store's %d genes are in %s (%.1f%%; %.1f%% of its genes)", model,
+            self.n_matched, self.n_store_genes, vocabulary, 100 * self.coverage,  # type: ignore[attr-defined]
+            100 * self.vocab_coverage,  # type: ignore[attr-defined]
+        )
 
     @abstractmethod
     def __call__(

@@ -81,7 +81,7 @@ from torch import nn
 from ..data.gene_ids import ensembl_to_symbols
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, load_weights_file, short_keys
+from .checkpoint import check_state, load_weights_file, materialize, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -561,14 +561,7 @@ class CellPLMModel(FoundationModel):
 
     def make_tokenizer(self, genes: pd.DataFrame) -> CellPLMTokenizer:
         tok = CellPLMTokenizer(genes, self.config()["gene_list"])
-        log.info(
-            "cellplm: %d of the store's %d genes match the %d-gene list by Ensembl ID (%.1f%%; %.1f%% of the list)",
-            tok.n_matched,
-            tok.n_store_genes,
-            len(self.config()["gene_list"]),
-            100 * tok.coverage,
-            100 * tok.vocab_coverage,
-        )
+        tok.log_coverage("cellplm", f"the {len(self.config()['gene_list'])}-gene list (by Ensembl ID)")
         return tok
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
@@ -581,13 +574,7 @@ class CellPLMModel(FoundationModel):
         config_path, ckpt_path = self._paths()
         cfg = read_config(config_path)
         state = read_checkpoint(ckpt_path, cfg)
-        with torch.device("meta"):
-            module = CellPLMEncoder(cfg)
-        module.load_state_dict(state, strict=True, assign=True)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        module = module.to(device=device, dtype=torch.float32 if dtype is None else dtype)
-        return module.eval()
+        return materialize(lambda: CellPLMEncoder(cfg), state, device, dtype)
 
     def embed(self, module: CellPLMEncoder, batch: dict[str, Any]) -> torch.Tensor:
         return module(batch["input_ids"], batch["values"]).float()

@@ -74,3 +74,17 @@ def check_state(state: dict[str, Any], expected: dict[str, tuple[int, ...]], whe
         if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(shape):
             got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
             raise UserError(f"{where}: key {prefix}{k} has shape {got}, {needs} needs {tuple(shape)}")
+
+
+def materialize(build: Callable[[], Any], state: dict[str, Any], device: str = "cpu", dtype: Any = None) -> Any:
+    """The module ``build()`` makes, built on the meta device (no random initialisation to throw away),
+    holding the checkpoint's tensors (strict), on ``device`` in ``dtype`` (float32 by default: assign=True
+    keeps the checkpoint's tensors as they are, possibly memory-mapped, possibly half precision), in eval mode."""
+    import torch
+
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state, strict=True, assign=True)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return module.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()

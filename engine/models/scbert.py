@@ -436,13 +436,7 @@ class ScBertModel(FoundationModel):
 
     def make_tokenizer(self, genes: pd.DataFrame) -> ScBertTokenizer:
         tok = ScBertTokenizer(genes, self._config()["num_tokens"], self.options["log1p_base"])
-        log.info(
-            "scbert: %d of the store's %d genes are in the 16,906-gene Panglao order (%.1f%%; %.1f%% of the list)",
-            tok.n_matched,
-            tok.n_store_genes,
-            100 * tok.coverage,
-            100 * tok.vocab_coverage,
-        )
+        tok.log_coverage("scbert", "the 16,906-gene Panglao order")
         return tok
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:

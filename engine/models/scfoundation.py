@@ -69,7 +69,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, load_weights_file, short_keys
+from .checkpoint import check_state, load_weights_file, materialize, short_keys
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -595,13 +595,7 @@ class ScFoundationModel(FoundationModel):
 
     def make_tokenizer(self, genes: pd.DataFrame) -> ScFoundationTokenizer:
         tok = ScFoundationTokenizer(genes, self.options["tgthighres"], self.options["pre_normalized"])
-        log.info(
-            "scfoundation: %d of the store's %d genes are in the 19,264-gene list (%.1f%%; %.1f%% of the list)",
-            tok.n_matched,
-            tok.n_store_genes,
-            100 * tok.coverage,
-            100 * tok.vocab_coverage,
-        )
+        tok.log_coverage("scfoundation", "the 19,264-gene list")
         return tok
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
@@ -614,14 +608,7 @@ class ScFoundationModel(FoundationModel):
     def load(self, device: str = "cpu", dtype: Any = None) -> ScFoundationEncoder:
         path = self.checkpoint_dir() / CHECKPOINT_FILE
         cfg, state = read_submodel(path, VERSION_KEYS[self.options["version"]])
-        with torch.device("meta"):
-            module = ScFoundationEncoder(cfg)
-        module.load_state_dict(state, strict=True, assign=True)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        # float32 first: assign=True keeps the checkpoint's (possibly memory-mapped, possibly bf16) tensors
-        module = module.to(device=device, dtype=torch.float32 if dtype is None else dtype)
-        return module.eval()
+        return materialize(lambda: ScFoundationEncoder(cfg), state, device, dtype)
 
     def embed(self, module: ScFoundationEncoder, batch: dict[str, Any]) -> torch.Tensor:
         mask = batch["attention_mask"]

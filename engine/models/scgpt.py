@@ -89,7 +89,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, load_weights_file, short_keys
+from .checkpoint import check_state, load_weights_file, materialize, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -663,13 +663,7 @@ class ScGPTModel(FoundationModel):
             seed=self.options["seed"],
             normalize=self.options["normalize"],
         )
-        log.info(
-            "scgpt: %d of the store's %d genes are in the vocabulary (%.1f%%; %.1f%% of the vocabulary's genes)",
-            tok.n_matched,
-            tok.n_store_genes,
-            100 * tok.coverage,
-            100 * tok.vocab_coverage,
-        )
+        tok.log_coverage("scgpt", "the vocabulary")
         return tok
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
@@ -683,14 +677,7 @@ class ScGPTModel(FoundationModel):
     def load(self, device: str = "cpu", dtype: Any = None) -> ScGPTEncoder:
         cfg, vocab, state = read_checkpoint(self.checkpoint_dir())
         self._meta = (cfg, vocab)
-        with torch.device("meta"):
-            module = ScGPTEncoder(cfg, len(vocab), vocab[cfg.pad_token])
-        module.load_state_dict(state, strict=True, assign=True)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        # float32 first: assign=True keeps the checkpoint's (possibly memory-mapped, possibly fp16) tensors
-        module = module.to(device=device, dtype=torch.float32 if dtype is None else dtype)
-        return module.eval()
+        return materialize(lambda: ScGPTEncoder(cfg, len(vocab), vocab[cfg.pad_token]), state, device, dtype)
 
     def embed(self, module: ScGPTEncoder, batch: dict[str, Any]) -> torch.Tensor:
         hidden = module(batch["input_ids"], batch["values"], batch["attention_mask"])

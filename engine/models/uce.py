@@ -98,7 +98,7 @@ from torch import nn
 from ..errors import UserError
 from .attention import SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, load_weights_file, short_keys
+from .checkpoint import check_state, load_weights_file, materialize, short_keys
 
 log = logging.getLogger(__name__)
 
@@ -651,15 +651,10 @@ class UCE(FoundationModel):
         table = token_table(ckpt, state["pe_embedding.weight"], args["CHROM_TOKEN_OFFSET"])
         state["pe_embedding.weight"] = table
         cfg["n_tokens"] = int(table.shape[0])
-        with torch.device("meta"):
-            module = UCEModel(cfg)
-        module.load_state_dict(state, strict=True, assign=True)
+        module = materialize(lambda: UCEModel(cfg), state, device, dtype)
         module.pe_embedding.weight.requires_grad_(False)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        module = module.to(device=device, dtype=torch.float32 if dtype is None else dtype)
         self._n_tokens = cfg["n_tokens"]
-        return module.eval()
+        return module
 
     def embed(self, module: UCEModel, batch: dict[str, Any]) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"]).float()
