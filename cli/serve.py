@@ -242,18 +242,18 @@ def bench_predict(
 
     from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
     from scdrugmap_ray.engine.models.base import cache_root
+    from scdrugmap_ray.engine.pipeline.bench import PeakRSS
     from scdrugmap_ray.engine.registry import Registry, predict_store
     from scdrugmap_ray.jobs.runner import _init_ray
-    from scdrugmap_ray.serve.bench import RssSampler
 
     version_dir = Registry(registry).resolve(model)
     store = ensure_store(data, ConvertOptions(), cache_root() / "stores")
     _init_ray(None)
-    with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS(interval=0.2) as rss:
         target = out or Path(tmp) / "predictions.parquet"
         stats = predict_store(version_dir, store, target, num_actors=actors)
     _say(f"predict model={model} cells={stats.n_cells} seconds={stats.seconds:.1f} cells_per_s={stats.cells_per_s:.0f} "
-         f"peak_rss_driver_mb={rss.peak_driver / 2**20:.0f} peak_rss_total_mb={rss.peak_total / 2**20:.0f} "
+         f"peak_rss_driver_mb={rss.peak_driver / 2**20:.0f} peak_rss_total_mb={rss.peak / 2**20:.0f} "
          f"(total = driver + Ray processes, sampled every {rss.interval}s)")
 
 

@@ -1,4 +1,4 @@
-"""Figures for serving and atlas-scale prediction: a load test of POST /v1/predict and a peak-RSS sampler.
+"""Figures for serving: a load test of POST /v1/predict (peak memory: engine.pipeline.bench.PeakRSS).
 
 The load test is bounded in count (a fixed number of requests) and in time (a deadline); each request
 sends JSON cells taken from a real .h5ad and checks that every cell came back with a prediction.
@@ -6,7 +6,6 @@ sends JSON cells taken from a real .h5ad and checks that every cell came back wi
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,44 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-class RssSampler:
-    """Peak resident memory of this process and of all its descendants (a local Ray's raylet and
-    workers), sampled on a background thread."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
-        self.peak_driver = 0
-        self.peak_total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        driver = me.memory_info().rss
-        total = driver
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        self.peak_driver = max(self.peak_driver, driver)
-        self.peak_total = max(self.peak_total, total)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 @dataclass

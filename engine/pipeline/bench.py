@@ -25,35 +25,40 @@ log = logging.getLogger(__name__)
 
 
 class PeakRSS:
-    """Peak resident memory of this process and all its descendants (Ray's workers included)."""
+    """Peak resident memory, sampled on a background thread: ``peak`` of this process and all its
+    descendants (a local Ray's raylet and workers included), ``peak_driver`` of this process alone."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.peak = 0
+        self.peak_driver = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> None:
         me = psutil.Process()
-        total = me.memory_info().rss
+        driver = me.memory_info().rss
+        total = driver
         for child in me.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 total += child.memory_info().rss
-        return total
+        self.peak_driver = max(self.peak_driver, driver)
+        self.peak = max(self.peak, total)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._sample()
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 @dataclass
