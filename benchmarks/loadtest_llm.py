@@ -1,7 +1,8 @@
 """Load test of the LLM deployment: start the real `scdrugmap-ray serve --llm` on 127.0.0.1 (a tiny random
 Llama written by ``init_random``, or ``--llm DIR``), then drive its OpenAI-compatible routes with concurrent
-clients and print, per workload: requests/s, items/s (sentences, cells or generated tokens), p50/p99
-latency and errors. Bounded in count (fixed requests per workload) and time (--timeout per workload).
+clients (serve.bench.drive, as the /v1/predict load test) and print, per workload: requests/s, items/s
+(sentences, generated tokens or cells), p50/p99 latency, errors and items missing from answers. Bounded in
+count (fixed requests per workload) and time (--timeout per workload).
 
     .venv/bin/python benchmarks/loadtest_llm.py [--llm DIR] [--llm-cpus 0.5] [--timeout 300]
 """
@@ -9,14 +10,12 @@ latency and errors. Bounded in count (fixed requests per workload) and time (--t
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +23,6 @@ import numpy as np
 
 KEY_ENV = "SCDRUGMAP_LOADTEST_KEY"
 GENES = ["EGFR", "KRT18", "ACTB", "MALAT1", "VIM", "CD44", "TP53", "MYC", "GAPDH", "FN1", "KRAS", "ALDH1A1"]
-
-
-def drive(name: str, send: Callable[[Any], tuple[int, int]], bodies: list[Any], clients: int, timeout_s: float) -> None:
-    """Send every body once from ``clients`` threads; ``send`` returns (HTTP status, items answered)."""
-    lat: list[float] = []
-    errors, items = 0, 0
-    deadline = time.monotonic() + timeout_s
-
-    def one(body: Any) -> tuple[float, int, int]:
-        if time.monotonic() > deadline:
-            return 0.0, 0, -1
-        t0 = time.perf_counter()
-        status, n = send(body)
-        return time.perf_counter() - t0, status, n
-
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as pool:
-        for dt, status, n in pool.map(one, bodies):
-            if status != 200:
-                errors += 1
-            else:
-                lat.append(dt)
-                items += n
-    wall = time.perf_counter() - t0
-    p50, p99 = (np.percentile(lat, [50, 99]) * 1000) if lat else (float("nan"), float("nan"))
-    print(f"{name}: {len(bodies)} requests, {clients} clients: {len(lat) / wall:.1f} req/s, {items / wall:,.0f} "
-          f"items/s, p50 {p50:.0f} ms, p99 {p99:.0f} ms, errors {errors}", flush=True)
 
 
 def main() -> None:
@@ -63,7 +35,7 @@ def main() -> None:
 
     import httpx
     from scdrugmap_ray.engine.models.llama import Llama
-    from scdrugmap_ray.serve.bench import demo_registry
+    from scdrugmap_ray.serve.bench import demo_registry, drive
 
     work = Path(tempfile.mkdtemp(prefix="scdrugmap-llm-loadtest-"))
     llm = args.llm or Llama.init_random(work / "llama-tiny", "tiny")
@@ -98,31 +70,37 @@ def main() -> None:
             print(f"server ready after {time.monotonic() - t_start:.0f} s", flush=True)
             client.post("/v1/embeddings", json={"model": "llm", "input": [sentence()]})  # warm-up
 
-            def embeddings(texts: list[str]) -> tuple[int, int]:
-                r = client.post("/v1/embeddings", json={"model": "llm", "input": texts})
-                return r.status_code, len(r.json()["data"]) if r.status_code == 200 else 0
+        def run(label: str, path: str, bodies: list[dict[str, Any]], answered: Any, clients: int, unit: str) -> None:
+            res = drive(url, path, bodies, answered, clients=clients, timeout_s=args.timeout, headers=headers,
+                        label=label, unit=unit)
+            print(res.line(), flush=True)
 
-            for batch, clients, n in ((1, 8, 64), (16, 4, 16), (64, 2, 8)):
-                drive(f"/v1/embeddings x{batch} sentences", embeddings,
-                      [[sentence() for _ in range(batch)] for _ in range(n)], clients, args.timeout)
+        def embedded(body: dict[str, Any], response: Any) -> tuple[int, int]:
+            return len(response["data"]), len(body["input"]) - len(response["data"])
 
-            def chat(seed: int) -> tuple[int, int]:
-                r = client.post("/v1/chat/completions", json={
-                    "model": "llm", "messages": [{"role": "user", "content": sentence()}], "max_tokens": 32,
-                    "temperature": 0.8, "seed": seed})
-                return r.status_code, r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+        for batch, clients, n in ((1, 8, 64), (16, 4, 16), (64, 2, 8)):
+            run(f"embeddings_x{batch}", "/v1/embeddings",
+                [{"model": "llm", "input": [sentence() for _ in range(batch)]} for _ in range(n)],
+                embedded, clients, "sentences")
 
-            drive("/v1/chat/completions (items = generated tokens)", chat, list(range(16)), 4, args.timeout)
+        def generated(body: dict[str, Any], response: Any) -> tuple[int, int]:
+            return response["usage"]["completion_tokens"], 0
 
-            symbols = ["EGFR", "KRT18", "ACTB", "VIM", "CD44", "MYC", "GAPDH", "FN1"]
+        run("chat", "/v1/chat/completions",
+            [{"model": "llm", "messages": [{"role": "user", "content": sentence()}], "max_tokens": 32,
+              "temperature": 0.8, "seed": i} for i in range(16)], generated, 4, "tokens")
 
-            def cells(i: int) -> tuple[int, int]:
-                body = {"cells": [{"cell_id": f"c{i}_{j}", "expression": dict(zip(
-                    symbols, rng.integers(1, 20, len(symbols)).tolist(), strict=True))} for j in range(16)]}
-                r = client.post("/v1/llm/embed-cells", json=body)
-                return r.status_code, len(r.json()["cells"]) if r.status_code == 200 else 0
+        symbols = ["EGFR", "KRT18", "ACTB", "VIM", "CD44", "MYC", "GAPDH", "FN1"]
 
-            drive("/v1/llm/embed-cells x16 cells", cells, list(range(16)), 4, args.timeout)
+        def cells_embedded(body: dict[str, Any], response: Any) -> tuple[int, int]:
+            got = {c["cell_id"] for c in response["cells"]}
+            missing = sum(1 for c in body["cells"] if c["cell_id"] not in got)
+            return len(body["cells"]) - missing, missing
+
+        run("embed_cells_x16", "/v1/llm/embed-cells",
+            [{"cells": [{"cell_id": f"c{i}_{j}", "expression": dict(zip(
+                symbols, rng.integers(1, 20, len(symbols)).tolist(), strict=True))} for j in range(16)]}
+             for i in range(16)], cells_embedded, 4, "cells")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

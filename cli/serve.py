@@ -277,7 +277,7 @@ def bench_serve(
     res = load_test(url, model, data, clients=clients, n_requests=requests, cells_per_request=cells_per_request,
                     timeout_s=timeout, api_key=key)
     _say(res.line())
-    if res.errors or res.cells_missing:
+    if res.errors or res.missing:
         raise typer.Exit(1)
 
 

@@ -1,13 +1,14 @@
-"""Figures for serving: a load test of POST /v1/predict (peak memory: engine.pipeline.bench.PeakRSS).
+"""Figures for serving: load tests of the server's routes (peak memory: engine.pipeline.bench.PeakRSS).
 
-The load test is bounded in count (a fixed number of requests) and in time (a deadline); each request
-sends JSON cells taken from a real .h5ad and checks that every cell came back with a prediction.
+A load test is bounded in count (a fixed number of requests) and in time (a deadline) and checks every
+answer: for POST /v1/predict, JSON cells taken from a real .h5ad must all come back with a prediction.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,18 @@ import numpy as np
 
 @dataclass
 class LoadResult:
+    """What one load test saw; ``items`` are what the requests ask for (cells, sentences, tokens)."""
+
+    label: str
     clients: int
     requests: int
-    cells_per_request: int
-    seconds: float
+    seconds: float = 0.0
+    unit: str = "cells"
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     not_sent: int = 0
-    cells_missing: int = 0
+    items: int = 0  # answered
+    missing: int = 0  # asked for in a successful request but not in its answer
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -34,10 +39,10 @@ class LoadResult:
 
     def line(self) -> str:
         lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
-        rps = self.ok / self.seconds if self.seconds else 0.0
-        out = (f"load clients={self.clients} requests={self.requests} ok={self.ok} errors={self.errors} "
-               f"not_sent={self.not_sent} cells_missing={self.cells_missing} seconds={self.seconds:.1f} "
-               f"requests_per_s={rps:.1f} cells_per_s={rps * self.cells_per_request:.0f} "
+        per_s = 1 / self.seconds if self.seconds else 0.0
+        out = (f"{self.label} clients={self.clients} requests={self.requests} ok={self.ok} errors={self.errors} "
+               f"not_sent={self.not_sent} {self.unit}_missing={self.missing} seconds={self.seconds:.1f} "
+               f"requests_per_s={self.ok * per_s:.1f} {self.unit}_per_s={self.items * per_s:.0f} "
                f"p50_ms={np.percentile(lat, 50):.1f} p99_ms={np.percentile(lat, 99):.1f}")
         if self.error_samples:
             out += f" first_error={self.error_samples[0]!r}"
@@ -64,19 +69,21 @@ def request_bodies(h5ad: Path, model: str, n: int, cells_per_request: int) -> li
     return bodies
 
 
-def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests: int = 200,
-              cells_per_request: int = 16, timeout_s: float = 300.0, api_key: str | None = None) -> LoadResult:
+def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[[dict[str, Any], Any], tuple[int, int]],
+          *, clients: int, timeout_s: float, headers: dict[str, str] | None = None, label: str = "load",
+          unit: str = "cells") -> LoadResult:
+    """POST every body once to ``url + path`` from ``clients`` threads, each with its own connection, until
+    the deadline (bodies left then are counted as not sent). ``answered(body, response JSON)`` gives the
+    (answered, missing) items of a successful request; any other outcome is an error."""
     import httpx
 
-    bodies = request_bodies(h5ad, model, n_requests, cells_per_request)
-    res = LoadResult(clients, n_requests, cells_per_request, 0.0)
+    res = LoadResult(label, clients, len(bodies), unit=unit)
     lock = threading.Lock()
     deadline = time.monotonic() + timeout_s
-    headers = {"X-API-Key": api_key} if api_key else {}
-    next_i = iter(range(n_requests))
+    next_i = iter(range(len(bodies)))
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=max(1.0, timeout_s), headers=headers) as client:
+        with httpx.Client(base_url=url, timeout=max(1.0, timeout_s), headers=headers or {}) as client:
             while True:
                 with lock:
                     i = next(next_i, None)
@@ -86,18 +93,17 @@ def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests:
                     with lock:
                         res.not_sent += 1
                     continue
-                body = bodies[i]
                 t0 = time.perf_counter()
                 try:
-                    r = client.post("/v1/predict", json=body)
+                    r = client.post(path, json=bodies[i])
                     dt = time.perf_counter() - t0
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-                    got = {c["cell_id"] for c in r.json()["cells"] if c.get("p_sensitive") is not None}
-                    missing = sum(1 for c in body["cells"] if c["cell_id"] not in got)
+                    got, missing = answered(bodies[i], r.json())
                     with lock:
                         res.latencies.append(dt)
-                        res.cells_missing += missing
+                        res.items += got
+                        res.missing += missing
                 except Exception as err:  # any failure counts; the first few are kept
                     with lock:
                         res.errors += 1
@@ -110,6 +116,20 @@ def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests:
             f.result()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _predicted_cells(body: dict[str, Any], response: Any) -> tuple[int, int]:
+    got = {c["cell_id"] for c in response["cells"] if c.get("p_sensitive") is not None}
+    missing = sum(1 for c in body["cells"] if c["cell_id"] not in got)
+    return len(body["cells"]) - missing, missing
+
+
+def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests: int = 200,
+              cells_per_request: int = 16, timeout_s: float = 300.0, api_key: str | None = None) -> LoadResult:
+    """POST /v1/predict with JSON cells of a real .h5ad; every cell must come back with a prediction."""
+    bodies = request_bodies(h5ad, model, n_requests, cells_per_request)
+    return drive(url, "/v1/predict", bodies, _predicted_cells, clients=clients, timeout_s=timeout_s,
+                 headers={"X-API-Key": api_key} if api_key else None)
 
 
 def demo_registry(work: Path, cells: int, genes: int, model_name: str) -> tuple[Path, Path]:

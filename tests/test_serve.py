@@ -156,5 +156,5 @@ def test_load_no_errors_nothing_lost(app: dict[str, Any]) -> None:
 
     res = load_test(app["url"], "pca-sim", app["h5ad"], clients=6, n_requests=36, cells_per_request=8,
                     timeout_s=120, api_key=API_KEY)
-    assert res.errors == 0 and res.cells_missing == 0 and res.not_sent == 0, res.line()
+    assert res.errors == 0 and res.missing == 0 and res.not_sent == 0, res.line()
     assert res.ok == 36
