@@ -184,7 +184,7 @@ def test_embedding_rule_against_hidden_states(real: dict, ckpts: dict[str, Path]
                                               emb_layer: int) -> None:
     """Mean over genes of hidden_states[n_layers + emb_layer] of the full BertForMaskedLM forward, one
     cell at a time (no padding), as EmbExtractor; V2 excludes <cls> and <eos>."""
-    model = _model(ckpts[preset], emb_layer=emb_layer)
+    model = _model(ckpts[preset], emb_layer=emb_layer, pooling="mean")
     module = model.load()
     cells = _tokens(real, model, [1209, 181, 1212])
     with torch.inference_mode():
@@ -198,6 +198,10 @@ def test_embedding_rule_against_hidden_states(real: dict, ckpts: dict[str, Path]
 
 
 def test_cls_pooling_v2_and_refused_for_v1(real: dict, ckpts: dict[str, Path]) -> None:
+    # the default pooling "auto" is EmbExtractor's: emb_mode "cls" for V2, "cell" (mean) for V1 (issue 15;
+    # before it the default was mean for both); the run manifest records what auto meant
+    assert _model(ckpts["tiny-v2"]).pooling == "cls" and _model(ckpts["tiny"]).pooling == "mean"
+    assert _model(ckpts["tiny-v2"]).identity()["resolved"] == {"pooling": "cls", "version": "V2"}
     model = _model(ckpts["tiny-v2"], pooling="cls")
     module = model.load()
     cells = _tokens(real, model, [1209, 1212])

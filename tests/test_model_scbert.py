@@ -204,14 +204,23 @@ def test_panglao_preset_is_the_official_architecture() -> None:
     assert len(shapes) == 3 + 6 * 14 + 4  # per layer: 8 attention + 6 feed-forward keys
 
 
-def test_strict_loading(tiny_dir: Path, tmp_path: Path) -> None:
+def test_strict_loading(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     key = "performer.net.layers.1.0.fn.to_v.weight"
     ckpt = _rewrite(tiny_dir, tmp_path / "missing", lambda o: o["model_state_dict"].pop(key))
     msg = _load_error(ckpt)
     assert "missing keys" in msg and key in msg
 
-    ckpt = _rewrite(tiny_dir, tmp_path / "head", lambda o: o["model_state_dict"].pop("to_out.bias"))
-    assert "to_out.bias" in _load_error(ckpt)  # the pretraining head is required, then dropped
+    # the released file's pretraining head (to_out) is skipped and named in one log line (issue 15)
+    with caplog.at_level(logging.INFO, logger="scdrugmap_ray.engine.models.checkpoint"):
+        get_model("scbert", {"checkpoint": str(tiny_dir)}).load()  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 2 tensor(s)" in lines[0] and "to_out.bias, to_out.weight" in lines[0]
+    # a file without the head (encoder only) loads too: the embedding never runs it
+    ckpt = _rewrite(tiny_dir, tmp_path / "head", lambda o: [o["model_state_dict"].pop(k) for k in ("to_out.bias",
+                                                                                                  "to_out.weight")])
+    get_model("scbert", {"checkpoint": str(ckpt)}).load()  # type: ignore[attr-defined]
 
     def add(o: dict) -> None:
         o["model_state_dict"]["performer.net.layers.0.0.fn.to_q.bias"] = torch.zeros(32)
@@ -376,7 +385,8 @@ def test_collate_refuses_other_lengths(tiny: tuple) -> None:
 
 def test_bf16_module(tiny: tuple, tiny_dir: Path, real_tokens: dict) -> None:
     model, module = tiny
-    half = model.load(dtype=torch.bfloat16)
+    assert next(model.load(dtype=torch.bfloat16).parameters()).dtype == torch.float32  # dtype: upstream (fp32)
+    half = get_model("scbert", {"checkpoint": str(tiny_dir), "dtype": "engine"}).load(dtype=torch.bfloat16)  # type: ignore[attr-defined]
     ids = torch.from_numpy(real_tokens["out"]["input_ids"][0][:4000]).long()[None]
     with torch.inference_mode():
         a = module(ids).mean(1)

@@ -213,9 +213,10 @@ def test_strict_loading(tiny_dir: Path, tmp_path: Path) -> None:
     ckpt = _rewrite(tiny_dir, tmp_path / "missing", lambda o: o["cell"]["state_dict"].pop(key))
     assert key in _load_error(ckpt) and "missing" in _load_error(ckpt)
 
-    dec_key = "model.decoder.performer.net.layers.0.0.fn.to_q.weight"  # decoder keys are required too
+    # the MAE decoder is never run by a cell embedding: a file without (part of) it loads (issue 15)
+    dec_key = "model.decoder.performer.net.layers.0.0.fn.to_q.weight"
     ckpt = _rewrite(tiny_dir, tmp_path / "missing_dec", lambda o: o["cell"]["state_dict"].pop(dec_key))
-    assert dec_key in _load_error(ckpt)
+    get_model("scfoundation", {"checkpoint": str(ckpt)}).load()  # type: ignore[attr-defined]
 
     def add(o: dict) -> None:
         o["cell"]["state_dict"]["model.encoder.extra.weight"] = torch.zeros(3)

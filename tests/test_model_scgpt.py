@@ -29,6 +29,7 @@ from scdrugmap_ray.engine.models.scgpt import (
     config_from_args,
     official_encoder_shapes,
     official_shapes,
+    released_shapes,
 )
 from torch import nn
 
@@ -121,6 +122,14 @@ def test_human_preset_matches_the_manifest(shared_dir: Path) -> None:
     assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == official_encoder_shapes(cfg, mc["ntoken"])
     tiny = config_from_args(ScGPTModel.presets["tiny"])
     assert (tiny.nlayers, tiny.d_model, tiny.nhead, tiny.d_hid, tiny.n_bins) == (2, 64, 4, 64, 51)
+    # the RELEASED file (manifest official_file_keys): no cls_decoder, flag_encoder, FlashMHA Wqkv names
+    file_keys = manifest["official_file_keys"]
+    assert "NO cls_decoder" in file_keys and "flag_encoder.weight" in file_keys
+    released = released_shapes(cfg, mc["ntoken"])
+    assert not any(k.startswith("cls_decoder.") for k in released)
+    assert released["flag_encoder.weight"] == (2, 512)
+    assert {k: v for k, v in released.items() if k != "flag_encoder.weight"} == {
+        k: v for k, v in official.items() if not k.startswith("cls_decoder.")}
 
 
 # ------------------------------------------------------------------------------------------- binning / tokenizer
@@ -276,8 +285,9 @@ def test_init_random_writes_the_official_files(tiny_dir: Path) -> None:
     assert (vocab["<pad>"], vocab["<cls>"], vocab["<eoc>"]) == (60_694, 60_695, 60_696)
     state = torch.load(tiny_dir / "best_model.pt", weights_only=True)
     assert isinstance(state, dict)  # a plain state dict, flash-attn key names
-    expected = official_shapes(config_from_args(ScGPTModel.presets["tiny"]), N_VOCAB + 3)
-    assert list(state) == list(expected)
+    expected = released_shapes(config_from_args(ScGPTModel.presets["tiny"]), N_VOCAB + 3)
+    assert list(state) == list(expected)  # the released key set: what users download loads in every test
+    assert "flag_encoder.weight" in state and not any(k.startswith("cls_decoder.") for k in state)
     assert "transformer_encoder.layers.1.self_attn.Wqkv.weight" in state
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
 
@@ -290,14 +300,11 @@ def test_strict_loading(tiny_dir: Path, tiny: tuple, tmp_path: Path) -> None:
     msg = _load_error(_copy_ckpt(tiny_dir, tmp_path / "missing", lambda s: s.pop(key)))
     assert key in msg and "missing" in msg
 
-    head = "mvc_decoder.W.weight"  # heads are required too, though the embedding does not use them
-    assert head in _load_error(_copy_ckpt(tiny_dir, tmp_path / "missing_head", lambda s: s.pop(head)))
-
-    def add(s: dict) -> None:
-        s["batch_encoder.embedding.weight"] = torch.zeros(3, 64)
+    def add(s: dict) -> None:  # a layer the args.json does not have: not a head, so an error
+        s["transformer_encoder.layers.2.linear1.weight"] = torch.zeros(64, 64)
 
     msg = _load_error(_copy_ckpt(tiny_dir, tmp_path / "extra", add))
-    assert "unexpected" in msg and "batch_encoder.embedding.weight" in msg
+    assert "unexpected" in msg and "transformer_encoder.layers.2.linear1.weight" in msg
 
     def reshape(s: dict) -> None:
         s["value_encoder.linear2.weight"] = torch.zeros(64, 65)
@@ -318,6 +325,47 @@ def test_strict_loading(tiny_dir: Path, tiny: tuple, tmp_path: Path) -> None:
     category = _copy_ckpt(tiny_dir, tmp_path / "category")
     (category / "args.json").write_text(json.dumps({**args, "input_emb_style": "category"}))
     assert "input_emb_style" in _load_error(category)
+
+
+def test_released_file_loads_and_names_what_it_skips(tiny_dir: Path, tiny: tuple, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The released key set (init_random writes it) loads; the heads are skipped and named in ONE log line;
+    without any head (an encoder-only file) it loads too; a missing encoder tensor is still an error."""
+    import logging
+
+    _, module = tiny
+    with caplog.at_level(logging.INFO, logger="scdrugmap_ray.engine.models.checkpoint"):
+        get_model("scgpt", {"checkpoint": str(tiny_dir)}).load()  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1
+    heads = ("flag_encoder.weight", "decoder.fc.*.weight (x3)", "mvc_decoder.gene2query.weight", "mvc_decoder.W.weight")
+    for name in heads:
+        assert name in lines[0]
+    assert "skipped 10 tensor(s)" in lines[0]
+
+    def heads_only_encoder(s: dict) -> None:
+        for k in [k for k in s if k.split(".")[0] in ("flag_encoder", "decoder", "mvc_decoder")]:
+            s.pop(k)
+
+    bare = get_model("scgpt", {"checkpoint": str(_copy_ckpt(tiny_dir, tmp_path / "bare", heads_only_encoder))}).load()  # type: ignore[attr-defined]
+    for (name, a), (_, b) in zip(module.state_dict().items(), bare.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    def impl(s: dict) -> None:  # newer scGPT: the flash-attn module wrapped as self_attn._impl
+        for k in [k for k in s if ".self_attn." in k]:
+            s[k.replace(".self_attn.", ".self_attn._impl.")] = s.pop(k)
+
+    wrapped = get_model("scgpt", {"checkpoint": str(_copy_ckpt(tiny_dir, tmp_path / "impl", impl))}).load()  # type: ignore[attr-defined]
+    for (name, a), (_, b) in zip(module.state_dict().items(), wrapped.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    def fine_tuned(s: dict) -> None:  # a file saved from TransformerModel as embed_data builds it: cls_decoder too
+        cfg = config_from_args(ScGPTModel.presets["tiny"])
+        s.pop("flag_encoder.weight")
+        for k, shape in official_shapes(cfg, N_VOCAB + 3).items():
+            s.setdefault(k, torch.zeros(shape))
+
+    get_model("scgpt", {"checkpoint": str(_copy_ckpt(tiny_dir, tmp_path / "ft", fine_tuned))}).load()  # type: ignore[attr-defined]
 
 
 def test_renamed_keys_and_other_classifier_sizes_load(tiny_dir: Path, tiny: tuple, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def _excluded(symbol: str) -> bool:
     return False
 
 
-def reference_sentence(symbols: list[str], gi: np.ndarray, vals: np.ndarray, exclude: bool = True,
+def reference_sentence(symbols: list[str], gi: np.ndarray, vals: np.ndarray, exclude: bool = False,
                        vocab: dict[str, int] | None = None) -> str:
     """The line tGPT's LineDataset would get for a cell: expressed genes by count descending (ties in
     store order, with sorted()), '-' and '.' rewritten to '_', space-joined; all genes, untruncated.
@@ -106,12 +106,14 @@ def test_tokenizer_hand_checked_first_cell(real: dict, ckpt: Path) -> None:
     PABPC1 79, TMSB4X 76 -> ids 13, 25, 5, 89, 13737, 15, 50, 4 in tGPT's tokenizer.json."""
     ids, gi, vals = _cells(real, [0])
     assert float(vals[0].sum()) == 21054.0
-    t = _model(ckpt).make_tokenizer(real["genes"])(ids, gi, vals)["input_ids"][0]
+    t = _model(ckpt, exclude_genes="mito_ribo").make_tokenizer(real["genes"])(ids, gi, vals)["input_ids"][0]
     assert t.dtype == np.int32 and len(t) == 64  # </b> + 62 genes + </s>
     assert t[0] == 1 and t[-1] == 2
     assert t[1:9].tolist() == [13, 25, 5, 89, 13737, 15, 50, 4]
-    # exclude_genes="none": MT_RNR2 is not in the vocabulary (<unk> = 3), RPLP1 is (12152)
-    raw = _model(ckpt, exclude_genes="none").make_tokenizer(real["genes"])(ids, gi, vals)["input_ids"][0]
+    # the default (exclude_genes="none", as upstream, which filters nothing): MT_RNR2 is not in the
+    # vocabulary (<unk> = 3), RPLP1 is (12152). (Before issue 15 the default was mito_ribo.)
+    assert _model(ckpt).options["exclude_genes"] == "none"
+    raw = _model(ckpt).make_tokenizer(real["genes"])(ids, gi, vals)["input_ids"][0]
     assert raw[1:9].tolist() == [3, 13, 25, 12152, 3, 3, 5, 3]
 
 
@@ -166,7 +168,7 @@ def test_ties_truncation_and_multiword_symbols(ckpt: Path, vocab: dict) -> None:
     )
     counts = np.array([5, 9, 5, 50, 40, 7, 5, 6], dtype=np.float32)
     cell = (np.array(["c"]), [np.arange(8, dtype=np.int32)], [counts])
-    tok = _model(ckpt, min_coverage=0.0).make_tokenizer(genes)
+    tok = _model(ckpt, min_coverage=0.0, exclude_genes="mito_ribo").make_tokenizer(genes)
     got = tok(*cell)["input_ids"][0].tolist()
     # ACTB 9, FOO/BAR 7 (3 words: FOO, BAR unknown -> <unk>, '/' unknown), RPL13AP5 6, then the 5s in
     # store order: GAPDH, HLA_B, B2M
@@ -174,7 +176,8 @@ def test_ties_truncation_and_multiword_symbols(ckpt: Path, vocab: dict) -> None:
     want = [vocab["ACTB"], unk, unk, unk, vocab["RPL13AP5"], vocab["GAPDH"], vocab["HLA_B"], vocab["B2M"]]
     assert got == [1, *want, 2]
     assert tok.report["n_excluded"] == 2
-    short = _model(ckpt, min_coverage=0.0, max_len=5).make_tokenizer(genes)(*cell)["input_ids"][0].tolist()
+    short_tok = _model(ckpt, min_coverage=0.0, max_len=5, exclude_genes="mito_ribo").make_tokenizer(genes)
+    short = short_tok(*cell)["input_ids"][0].tolist()
     assert short == [1, vocab["ACTB"], unk, unk, 2]  # 3 gene tokens: FOO/BAR cut after two of its words
 
 
@@ -190,7 +193,7 @@ def test_tokenizer_is_per_cell(real: dict, ckpt: Path) -> None:
 
 
 def test_coverage_report_and_refusal(real: dict, ckpt: Path) -> None:
-    model = _model(ckpt)
+    model = _model(ckpt, exclude_genes="mito_ribo")
     report = model.vocabulary_coverage(real["genes"])
     assert report["n_store_genes"] == 21207 and report["n_in_vocabulary"] == 13079
     assert report["n_excluded"] == 105  # 34 MT- genes and 71 ribosomal protein genes of this annotation
@@ -231,7 +234,7 @@ def test_embedding_rule_of_the_original(real: dict, ckpt: Path, hf_tokenizer) ->
 
 
 def test_batch_independence(real: dict, ckpt: Path) -> None:
-    model = _model(ckpt)
+    model = _model(ckpt, exclude_genes="mito_ribo")  # cell 1686 then has no gene token (the zero-row case)
     module = model.load()
     cells = model.make_tokenizer(real["genes"])(*_cells(real, ROWS))["input_ids"]  # lengths 2..64
     with torch.inference_mode():
@@ -251,7 +254,10 @@ def test_bfloat16_module_gives_float32_embeddings(real: dict, ckpt: Path) -> Non
     batch = model.collate(model.make_tokenizer(real["genes"])(*_cells(real, [0, 181])))
     with torch.inference_mode():
         full = model.embed(model.load(), batch)
-        half = model.embed(model.load(dtype=torch.bfloat16), batch)
+        # option dtype: upstream (default) keeps float32 whatever the caller asks; engine takes it
+        assert next(model.load(dtype=torch.bfloat16).parameters()).dtype == torch.float32
+        half = model.embed(_model(ckpt, dtype="engine").load(dtype=torch.bfloat16), batch)
+        assert torch.equal(model.embed(_model(ckpt, dtype="bfloat16").load(), batch), half)
     assert half.dtype == torch.float32 and next(model.load().parameters()).dtype == torch.float32
     assert torch.allclose(half, full, atol=0.1)
     assert not torch.equal(half, full)

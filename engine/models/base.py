@@ -95,6 +95,9 @@ class FittedFeatureModel(Model):
         """float32 [n, d] features of any cells, using what ``fit`` learned."""
 
 
+#: values of the ``dtype`` option of foundation models
+DTYPE_CHOICES = ("upstream", "engine", "float32", "bfloat16", "float16")
+
 #: written beside the official files by init_random, so every output can say "random weights"
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.json"
 
@@ -166,10 +169,41 @@ class FoundationModel(EmbeddingModel):
 
     #: preset name -> config for init_random; must include "tiny" (tests) and the real sizes
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the precision the original runs this model in on a GPU (on a CPU every original runs float32);
+    #: what option ``dtype: upstream`` (the default) gives
+    upstream_gpu_dtype: ClassVar[str] = "float32"
+    #: False for models whose precision is not set this way (the llama model's engines choose their own)
+    has_dtype_option: ClassVar[bool] = True
     #: module names (suffixes) where LoRA acts; only modules really called in forward
     lora_targets: ClassVar[list[str]] = []
     requires_counts = True
     default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None}
+
+    def __init__(self, **options: Any) -> None:
+        # ``dtype``, an option of every foundation model: the weights' precision. ``upstream`` (default):
+        # the original's (float32 on CPU; ``upstream_gpu_dtype`` on a GPU); ``engine``: what the caller
+        # passes to ``load`` (the embedding pipeline passes bfloat16 on a GPU); or a dtype name.
+        if not self.has_dtype_option:
+            super().__init__(**options)
+            return
+        dtype = options.pop("dtype", "upstream")
+        super().__init__(**options)
+        if dtype not in DTYPE_CHOICES:
+            raise UserError(f"model {self.name!r} option dtype={dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
+        self.options["dtype"] = dtype
+
+    def weights_dtype(self, device: str, requested: Any = None) -> Any:
+        """The torch dtype ``load`` casts the weights to, by option ``dtype`` (see ``__init__``)."""
+        import torch
+
+        choice = self.options.get("dtype", "upstream")
+        if choice == "engine":
+            if requested is None:
+                return torch.float32
+            return getattr(torch, requested) if isinstance(requested, str) else requested
+        if choice == "upstream":
+            choice = self.upstream_gpu_dtype if str(device).startswith("cuda") else "float32"
+        return getattr(torch, choice)
 
     def checkpoint_dir(self) -> Path:
         """The checkpoint directory: the ``checkpoint`` option, or the ``preset``'s random-weight
@@ -217,8 +251,10 @@ class FoundationModel(EmbeddingModel):
 
     @abstractmethod
     def load(self, device: str = "cpu", dtype: Any = None) -> Any:
-        """The torch module from the official checkpoint; strict: any missing/unexpected key is a
-        UserError naming the keys; shapes checked."""
+        """The torch module from the official checkpoint, in ``weights_dtype(device, dtype)``; every
+        tensor of the embedding path loaded strictly (a missing one is a UserError naming the key,
+        shapes checked), tensors the embedding never runs skipped and named in one log line
+        (``checkpoint.check_state``)."""
 
     @abstractmethod
     def embed(self, module: Any, batch: dict[str, Any]) -> Any:

@@ -75,7 +75,8 @@ Where it differs, and why:
 * pos_emb is used in float32 (the original keeps float64 and adds it into float32 in place: same result to
   float32 rounding). ``gene2vec_19379_512.npy`` is not read: the checkpoint holds the same rows as
   ``pos_emb.emb.weight``.
-* The language-model head ``to_out`` must be present (strict loading) but is never run. LoRA targets are the
+* The language-model head ``to_out`` is skipped and named in one log line (never run; a file without it
+  loads too); every other key is loaded strictly. LoRA targets are the
   q/k/v/out projections and both feed-forward layers (scDrugMap's q/k/v only: ``lora.targets`` narrows it).
 """
 
@@ -145,6 +146,10 @@ def resolve_config(structure: dict[str, Any]) -> dict[str, Any]:
     if cfg["nb_features"] is None:
         cfg["nb_features"] = int(cfg["dim_head"] * math.log(cfg["dim_head"]))
     return cfg
+
+
+#: the language-model head of PerformerLM_CellLM (official key prefix)
+HEAD_PREFIX = "to_out."
 
 
 def official_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -266,7 +271,7 @@ def _attention(block: nn.Module, x: torch.Tensor, weight: torch.Tensor, value_ma
 class CellLMEncoder(nn.Module):
     """PerformerLM_CellLM with the official parameter names; forward returns the final-LayerNorm output."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], head: bool = True) -> None:
         super().__init__()
         self.cfg = dict(cfg)
         d = cfg["dim"]
@@ -274,7 +279,8 @@ class CellLMEncoder(nn.Module):
         self.pos_emb = _Gene2Vec(cfg["gene_num"] + 2, d)
         self.performer = _PerformerStack(cfg)
         self.norm = nn.LayerNorm(d)
-        self.to_out = nn.Linear(d, cfg["num_tokens"])  # the LM head: in the checkpoint, never run here
+        if head:  # the LM head: in the official file (init_random writes it), never run for an embedding
+            self.to_out = nn.Linear(d, cfg["num_tokens"])
 
     def forward(
         self, gene_ids: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, value_mask: torch.Tensor
@@ -406,7 +412,8 @@ def read_config(ckpt_dir: Path) -> tuple[dict[str, Any], Path]:
 
 def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The state dict of the weights file (``obj[param_key]``, or a plain state dict when param_key is
-    empty, as the original's loader); strict: every official key with its shape, nothing else."""
+    empty, as the original's loader): every encoder key with its shape, the ``to_out`` LM head skipped
+    (named in a log line), nothing else."""
     obj = load_weights_file(path, f"re-save it as {{'{cfg['param_key'] or 'name'}': ...}} of tensors only")
     key = cfg["param_key"]
     if key:
@@ -416,9 +423,10 @@ def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: the CellLM weights must be a state dict of tensors")
-    expected = official_shapes(cfg)
-    check_state(obj, expected, str(path), "the CellLM architecture of its config", "the config")
-    return dict(obj)
+    expected = {k: v for k, v in official_shapes(cfg).items() if not k.startswith(HEAD_PREFIX)}
+    # the language-model head is never run by an embedding: skipped and named in one log line
+    return check_state(obj, expected, str(path), "the CellLM architecture of its config", "the config",
+                       skip=lambda k: k.startswith(HEAD_PREFIX))
 
 
 def stand_in_gene_list(n: int) -> list[str]:
@@ -505,10 +513,11 @@ class CellLMModel(FoundationModel):
         }
 
     def load(self, device: str = "cpu", dtype: Any = None) -> CellLMEncoder:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         cfg, path = read_config(self.checkpoint_dir())
         state = read_state(path, cfg)
         # built on the CPU, not the meta device: performer-pytorch draws its projection matrices with .cpu()
-        module = CellLMEncoder(cfg)
+        module = CellLMEncoder(cfg, head=False)
         module.load_state_dict(state, strict=True, assign=True)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)

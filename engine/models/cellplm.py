@@ -54,10 +54,10 @@ Where it differs, and why:
   original's ``var_names_make_unique``: the one whose symbol is that ID's own symbol in the project's
   org.Hs.eg.db table, else the first in store order.
 * Strict loading instead of the original's silent partial load: every key the embedding model has
-  (``head_type="embedder"``) must be present with its shape; ``decoder.*`` keys (the pretraining
-  decoder, which the original drops too) are accepted and never read; anything else is an error. Keys
-  the embedding never uses (``embedder.norm0``, the positional-encoding tables, the GMVAE variance and
-  prior layers) are checked and then dropped.
+  (``head_type="embedder"``) and runs must be present with its shape; ``decoder.*`` keys (the pretraining
+  decoder, which the original drops too) and the keys the embedding never uses (``embedder.norm0``, the
+  positional-encoding tables, the GMVAE variance and prior layers) are skipped and named in one log line
+  (``checkpoint.check_state``); anything else is an error.
 * Only the configuration of the released checkpoint family is supported (flowformer encoder, gmvae
   latent, sinusoidal PE added as 0, no covariates, group or layer norm); other settings are a UserError.
 """
@@ -516,9 +516,10 @@ def read_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         )
     state = {str(k): v for k, v in obj[STATE_KEY].items()}
     expected = official_shapes(cfg)
-    check_state(state, expected, str(path), "the CellPLM architecture of its config", "the config",
-                ignore=lambda k: k.startswith(DECODER_PREFIX))
-    return {k: state[k] for k in expected if not _unused(k)}
+    # the pretraining decoder and the modules the embedder head never runs: skipped and named in one line
+    return check_state(state, {k: v for k, v in expected.items() if not _unused(k)}, str(path),
+                       "the CellPLM architecture of its config", "the config",
+                       skip=lambda k: k.startswith(DECODER_PREFIX) or _unused(k))
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -571,6 +572,7 @@ class CellPLMModel(FoundationModel):
         return {"input_ids": torch.from_numpy(ids), "values": torch.from_numpy(vals)}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> CellPLMEncoder:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         config_path, ckpt_path = self._paths()
         cfg = read_config(config_path)
         state = read_checkpoint(ckpt_path, cfg)

@@ -3,6 +3,7 @@ safetensors, never arbitrary pickles. Every failure is one UserError naming the 
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import zipfile
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def load_weights_file(path: Path, resave_hint: str) -> Any:
@@ -55,16 +58,43 @@ def short_keys(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+#: a key filter: regular expressions (matched from the key's start) or a predicate
+KeyFilter = Callable[[str], bool] | tuple[str, ...] | list[str]
+
+
+def _matcher(keys: KeyFilter | None) -> Callable[[str], bool]:
+    if keys is None:
+        return lambda _k: False
+    if callable(keys):
+        return keys
+    patterns = [re.compile(p) for p in keys]
+    return lambda k: any(p.match(k) for p in patterns)
+
+
+def name_keys(keys: list[str]) -> str:
+    """All of ``keys`` for one log line, with layer indices folded: ``decoder.layers.*.norm.weight (x6)``."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        folded = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", k)
+        groups[folded] = groups.get(folded, 0) + 1
+    return ", ".join(f"{g} (x{n})" if n > 1 else g for g, n in sorted(groups.items()))
+
+
 def check_state(state: dict[str, Any], expected: dict[str, tuple[int, ...]], where: str, architecture: str,
-                needs: str = "the architecture", *, ignore: Callable[[str], bool] | None = None,
-                prefix: str = "") -> None:
-    """Strict loading for every model: each expected key present as a tensor of its shape, and nothing
-    else (keys ``ignore`` accepts aside, e.g. a decoder the embedding never runs). Errors are one line
-    naming the keys (shown with ``prefix``, the file's own key prefix); ``needs`` says what sets a shape."""
+                needs: str = "the architecture", *, skip: KeyFilter | None = None,
+                ignore: Callable[[str], bool] | None = None, prefix: str = "") -> dict[str, Any]:
+    """The one loading rule of every model: the tensors the embedding path needs (``expected``) must all
+    be there with their shapes, loaded strictly; tensors a released file carries that the embedding never
+    runs (``skip``: pretraining heads, classifier heads, legacy buffers) are dropped and NAMED in one log
+    line; any other key is an error (a file of another architecture or size). Errors are one line naming
+    the keys (shown with ``prefix``, the file's own key prefix); ``needs`` says what sets a shape.
+    Returns the expected tensors only. (``ignore`` is the older name of ``skip`` as a predicate.)"""
     import torch
 
+    skipped_ok = _matcher(skip if skip is not None else ignore)
     missing = [prefix + k for k in expected if k not in state]
-    unexpected = [prefix + str(k) for k in state if k not in expected and not (ignore and ignore(str(k)))]
+    skipped = [str(k) for k in state if k not in expected and skipped_ok(str(k))]
+    unexpected = [prefix + str(k) for k in state if k not in expected and not skipped_ok(str(k))]
     if missing or unexpected:
         parts = [f"missing keys: {short_keys(missing)}"] if missing else []
         parts += [f"unexpected keys: {short_keys(unexpected)}"] if unexpected else []
@@ -74,6 +104,10 @@ def check_state(state: dict[str, Any], expected: dict[str, tuple[int, ...]], whe
         if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(shape):
             got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
             raise UserError(f"{where}: key {prefix}{k} has shape {got}, {needs} needs {tuple(shape)}")
+    if skipped:
+        log.info("%s: skipped %d tensor(s) the embedding does not use: %s", where, len(skipped),
+                 name_keys([prefix + k for k in skipped]))
+    return {k: state[k] for k in expected}
 
 
 def materialize(build: Callable[[], Any], state: dict[str, Any], device: str = "cpu", dtype: Any = None) -> Any:

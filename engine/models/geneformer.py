@@ -45,9 +45,9 @@ Where it differs, and why:
 * Only the first ``n_layers + emb_layer`` layers are run (a view of the module, no copy of weights):
   the requested hidden state is the same, the unused last layer costs nothing. Attention runs through
   PyTorch SDPA (``attn_implementation="sdpa"``) instead of the eager softmax: the same math.
-* ``emb_layer`` may be any of ``-n_layers .. 0`` (the original allows -1 and 0); ``pooling="mean"`` is
-  the default for both versions (the current ``EmbExtractor`` default ``emb_mode`` is ``"cls"``, usable
-  for V2 with ``pooling: cls``).
+* ``emb_layer`` may be any of ``-n_layers .. 0`` (the original allows -1 and 0). ``pooling="auto"`` (the
+  default) is what ``EmbExtractor`` does by default: ``emb_mode="cls"`` for V2, switched to ``"cell"``
+  (mean over genes) for V1; ``pooling: mean`` gives the mean for V2 too (the default before issue 15).
 * Loading is strict (``from_pretrained`` silently fills missing keys with random values): every key of
   ``BertForMaskedLM`` must be in the file with its shape. ``cls.predictions.decoder.weight`` /
   ``.bias`` are tied to ``bert.embeddings.word_embeddings.weight`` / ``cls.predictions.bias``: they may
@@ -401,7 +401,7 @@ class GeneformerModel(FoundationModel):
         "preset": None,
         "version": "auto",  # auto (from vocab_size) | V1 | V2
         "emb_layer": -1,  # as EmbExtractor: -1 second-to-last layer, 0 last layer
-        "pooling": "mean",  # mean (over genes) | cls (V2 only)
+        "pooling": "auto",  # auto (EmbExtractor's default: cls for V2, mean for V1) | mean | cls (V2 only)
         "min_coverage": MIN_COVERAGE,
     }
 
@@ -417,8 +417,9 @@ class GeneformerModel(FoundationModel):
                 f"geneformer option emb_layer={o['emb_layer']!r}: use 0 (last layer), -1 (second-to-last, the "
                 "default) or another non-positive integer"
             )
-        if o["pooling"] not in ("mean", "cls"):
-            raise UserError(f"geneformer option pooling={o['pooling']!r}: use mean or cls (V2 only)")
+        if o["pooling"] not in ("auto", "mean", "cls"):
+            raise UserError(f"geneformer option pooling={o['pooling']!r}: use auto (cls for V2, mean for V1), mean "
+                            "or cls (V2 only)")
         mc = o["min_coverage"]
         if isinstance(mc, bool) or not isinstance(mc, int | float) or not 0 <= mc <= 1:
             raise UserError(f"geneformer option min_coverage={mc!r}: use a fraction between 0 and 1")
@@ -468,9 +469,22 @@ class GeneformerModel(FoundationModel):
                 f"Geneformer checkpoint has vocab_size {vocab}, smaller than the {version} token dictionary "
                 f"({n_tokens} tokens); this checkpoint is not a Geneformer {version} model"
             )
-        if self.options["pooling"] == "cls" and version == "V1":
+        if self.options["pooling"] == "cls" and version == "V1":  # "auto" resolves to mean for V1
             raise UserError("geneformer pooling: cls needs a V2 model (V1 has no <cls> token); use pooling: mean")
         return version
+
+    @property
+    def pooling(self) -> str:
+        """``cls`` or ``mean``: option ``pooling``, with ``auto`` resolved as EmbExtractor does (its default
+        ``emb_mode="cls"``, switched to ``"cell"``, the mean over genes, for V1 models, which have no <cls>)."""
+        if self.options["pooling"] != "auto":
+            return str(self.options["pooling"])
+        return "cls" if self.version == "V2" else "mean"
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        ident["resolved"] = {"pooling": self.pooling, "version": self.version}  # what "auto" meant: in the manifest
+        return ident
 
     @property
     def max_length(self) -> int:
@@ -531,6 +545,7 @@ class GeneformerModel(FoundationModel):
     # -- weights ---------------------------------------------------------------------------------
 
     def load(self, device: str = "cpu", dtype: Any = None) -> Any:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         ckpt = self.checkpoint_dir()
         cfg = self.config()
         _ = self.version, self.layer_index  # refuse bad options before reading weights
@@ -559,7 +574,7 @@ class GeneformerModel(FoundationModel):
         view = _truncated_bert(bert, self.layer_index)
         hidden = view(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         hidden = hidden.float()
-        if self.options["pooling"] == "cls":  # V2 only (checked by `version`)
+        if self.pooling == "cls":  # V2 only (checked by `version`)
             return hidden[:, 0].contiguous()
         lengths = batch["lengths"].to(hidden.device)
         special = load_dictionaries(self.version).special

@@ -215,6 +215,7 @@ class Llama(FoundationModel):
     #: not wired to the LoRA trainer yet (an 8B model needs more than the engine's LoRA path gives it)
     supports_lora: ClassVar[bool] = False
     requires_counts = False  # sentences rank values: any non-negative expression works
+    has_dtype_option = False  # vLLM / transformers pick the precision (the caller's dtype)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None,
         "preset": None,

@@ -57,8 +57,9 @@ Where it differs, and why:
   float64 to float32 in place: the same up to float32 rounding).
 * ``sc.pp.filter_cells(min_genes=200)`` is not applied: every cell of the store gets an embedding (filter
   cells when building the store if the original's behaviour is wanted).
-* ``to_out.*`` (the pretraining bin-logit head) is required and shape-checked, then dropped: an embedding
-  never uses it, and keeping it would make ``to_out`` name an unused Linear for LoRA.
+* ``to_out.*`` (the pretraining bin-logit head, in the released ``panglao_pretrain.pth``) is skipped and
+  named in one log line (``checkpoint.check_state``): an embedding never uses it, and keeping it would make
+  ``to_out`` name an unused Linear for LoRA. A file without it (a re-saved encoder) loads too.
 * The user's ``gene2vec_16906.npy`` is not read at embed time: the checkpoint's ``pos_emb.emb.weight``
   overwrites it in the original as well (``load_state_dict`` after construction).
 """
@@ -232,8 +233,8 @@ def checkpoint_path(ckpt_dir: Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(architecture, state dict without the ``to_out`` head) of an official checkpoint file; strict:
-    every official key with its shape, nothing else."""
+    """(architecture, state dict without the ``to_out`` head) of an official checkpoint file: every
+    encoder key with its shape; the ``to_out`` head skipped (named in a log line); nothing else."""
     obj = load_weights_file(
         path, "re-save it as {'model_state_dict': model.state_dict()} (plain tensors) with torch.save"
     )
@@ -244,13 +245,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if all(k.startswith("module.") for k in keys):  # saved from the DDP wrapper instead of .module
         state = {str(k)[len("module.") :]: v for k, v in state.items()}
     cfg = validate_config(config_from_state(state, str(path)))
-    expected = official_shapes(cfg)
-    check_state(state, expected, str(path), "the scBERT PerformerLM architecture")
-    for k in expected:
-        val = state[k]
+    expected = {k: v for k, v in official_shapes(cfg).items() if not k.startswith(HEAD_PREFIX)}
+    # the pretraining head (bin logits) is never run by an embedding: skipped and named when present
+    kept = check_state(state, expected, str(path), "the scBERT PerformerLM architecture", skip=(r"to_out\.",))
+    for k, val in kept.items():
         if k != "performer.calls_since_last_redraw" and not val.is_floating_point():
             raise UserError(f"{path}: key {k} has dtype {val.dtype}, expected floating point")
-    return cfg, {k: state[k] for k in expected if not k.startswith(HEAD_PREFIX)}
+    return cfg, kept
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -450,6 +451,7 @@ class ScBertModel(FoundationModel):
         return {"input_ids": torch.from_numpy(np.stack(cells).astype(np.int64))}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> ScBertEncoder:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         cfg, state = read_checkpoint(checkpoint_path(self.checkpoint_dir()))
         module = build_encoder(cfg)
         module.load_state_dict(state, strict=True)  # copies (float64 gene2vec -> float32)

@@ -512,8 +512,8 @@ def _read_container(path: Path) -> Any:
 
 
 def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(flat config, encoder state dict in this module's names) of sub-model ``key`` of models.ckpt;
-    strict: every official key must be there with its shape, nothing else may be."""
+    """(flat config, encoder state dict in this module's names) of sub-model ``key`` of models.ckpt: every
+    encoder key with its shape; the decoder's keys skipped (named in a log line); nothing else."""
     obj = _read_container(path)
     if not isinstance(obj, dict) or not any(k in obj for k in SUBMODELS):
         found = short_keys([str(k) for k in obj]) if isinstance(obj, dict) else type(obj).__name__
@@ -538,10 +538,13 @@ def read_submodel(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch
     if unprefixed:  # keys outside the model. prefix are not the model's
         raise UserError(f"{path} sub-model {key!r} does not match the scFoundation architecture of its config; "
                         f"unexpected keys: {short_keys(unprefixed)}")
-    check_state(state, expected, f"{path} sub-model {key!r}", "the scFoundation architecture of its config",
-                "the config", prefix=STATE_PREFIX)
     enc_keys = official_encoder_shapes(cfg)
-    return cfg, {_to_module_key(k): state[k] for k in enc_keys}
+    # the MAE decoder (decoder_embed, decoder.*, norm, to_final) is never run by get_embedding's cell
+    # embedding: skipped and named in one log line; a file without it (encoder only) loads too
+    decoder = set(expected) - set(enc_keys)
+    kept = check_state(state, enc_keys, f"{path} sub-model {key!r}", "the scFoundation architecture of its config",
+                       "the config", prefix=STATE_PREFIX, skip=lambda k: k in decoder)
+    return cfg, {_to_module_key(k): v for k, v in kept.items()}
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -606,6 +609,7 @@ class ScFoundationModel(FoundationModel):
         return {"input_ids": input_ids, "values": values, "attention_mask": mask}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> ScFoundationEncoder:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         path = self.checkpoint_dir() / CHECKPOINT_FILE
         cfg, state = read_submodel(path, VERSION_KEYS[self.options["version"]])
         return materialize(lambda: ScFoundationEncoder(cfg), state, device, dtype)

@@ -55,17 +55,21 @@ Where it differs, and why:
   negative values (scaled or z-scored data) is refused; the original would bin those silently.
 * A cell with no gene in the vocabulary is ``<cls>`` alone (the original's ``binning`` fails on it).
   ``l2_normalize`` maps an all-zero embedding to zeros instead of NaN.
-* Only the encoder is built (all a cell embedding uses). The heads of the official file
-  (``decoder.*`` expression decoder, ``cls_decoder.*``, ``mvc_decoder.*``: see ``official_head_shapes``)
-  must be present with the right shapes and are then dropped; any other key is an error. The classifier's
-  output size is read from the checkpoint (``embed_data`` builds ``n_cls=1`` and its non-strict loader
-  skips a head of another size).
+* Only the encoder is built (all a cell embedding uses); every encoder tensor is loaded strictly (a
+  missing one is a one-line error naming it). The released ``best_model.pt`` holds the encoder plus the
+  heads of generative pretraining (``flag_encoder``, ``decoder`` expression decoder, ``mvc_decoder``) and
+  NO ``cls_decoder`` (``released_shapes``); a file saved from a fine-tuned ``TransformerModel`` has
+  ``cls_decoder`` of any size. Those modules (``SKIPPED_MODULES``) are skipped and named in one log line,
+  as embed_data's non-strict loader skips them silently; any other extra key (e.g. a 13th layer) is an
+  error. ``init_random`` writes the released key set, so the tests load what users download.
 * ``input_emb_style`` other than ``continuous`` is refused: ``embed_data`` always builds the continuous
   value encoder (the released checkpoints use it).
 * ``args.json`` ``pre_norm`` (absent in the released args: post-norm) selects scGPT's "pre" scheme when
   true; ``embed_data`` always builds post-norm, which would be wrong for such a checkpoint.
-* Precision: the original runs under CUDA autocast (fp16); here the caller picks the dtype (fp32 on CPU,
-  bf16 on GPU in the pipeline); the embedding is returned in float32.
+* Precision: the original runs under CUDA autocast (fp16). Option ``dtype: upstream`` (the default) casts
+  the weights to float16 on a GPU (autocast keeps LayerNorm/softmax in fp32, a cast does not: close, not
+  bit-equal) and float32 on CPU; ``dtype: engine`` takes the pipeline's bfloat16; the embedding is returned
+  in float32.
 """
 
 from __future__ import annotations
@@ -108,6 +112,17 @@ MAX_VALUE = 512
 NORMALIZE_TARGET = 1e4
 
 _IN_PROJ = re.compile(r"^(transformer_encoder\.layers\.\d+\.self_attn\.)in_proj_(weight|bias)$")
+#: newer scGPT wraps its flash-attn module (``self_attn._impl.Wqkv`` / ``self_attn._impl.out_proj``)
+_IMPL = re.compile(r"^(transformer_encoder\.layers\.\d+\.self_attn\.)_impl\.(Wqkv|out_proj)\.(weight|bias)$")
+#: modules of released / fine-tuned scGPT files that a cell embedding never runs (embed_data builds none
+#: of them or does not call them in ``_encode``): pretraining heads (``flag_encoder``: the generative
+#: "unknown gene" flag; ``decoder``: expression decoder; ``mvc_decoder``), the classifier (absent from
+#: the released pretrained files) and fine-tuning modules (batch labels, domain-specific batch norm,
+#: adversarial discriminator). Skipped and named in one log line; any other extra key is an error.
+SKIPPED_MODULES = (
+    r"flag_encoder\.", r"decoder\.", r"cls_decoder\.", r"mvc_decoder\.", r"batch_encoder\.", r"dsbn\.",
+    r"bn\.", r"grad_reverse_discriminator\.",
+)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -266,10 +281,11 @@ def official_encoder_shapes(cfg: ScGPTConfig, ntoken: int) -> dict[str, tuple[in
 
 def official_head_shapes(cfg: ScGPTConfig, n_cls: int = 1) -> dict[str, tuple[int, ...]]:
     """The heads TransformerModel builds beside the encoder (as embed_data builds it: no batch labels,
-    inner-product MVC decoder): required in a checkpoint, shape-checked, then dropped, since a cell
-    embedding never runs them. ``decoder`` (ExprDecoder), ``cls_decoder`` (ClsDecoder with
-    ``n_layers_cls - 1`` Linear/ReLU/LayerNorm blocks) and, when args ``MVC`` is true, ``mvc_decoder``;
-    with args ``explicit_zero_prob`` also their zero-probability layers."""
+    inner-product MVC decoder); a cell embedding never runs them, so a loader skips them (and names
+    them). ``decoder`` (ExprDecoder), ``cls_decoder`` (ClsDecoder with ``n_layers_cls - 1``
+    Linear/ReLU/LayerNorm blocks) and, when args ``MVC`` is true, ``mvc_decoder``; with args
+    ``explicit_zero_prob`` also their zero-probability layers. The RELEASED pretrained files hold
+    ``released_head_shapes`` instead (no classifier, plus ``flag_encoder``)."""
     d = cfg.d_model
     out: dict[str, tuple[int, ...]] = {}
     mlp = {"0": (d, d), "2": (d, d), "4": (1, d)}
@@ -295,8 +311,23 @@ def official_head_shapes(cfg: ScGPTConfig, n_cls: int = 1) -> dict[str, tuple[in
 
 
 def official_shapes(cfg: ScGPTConfig, ntoken: int, n_cls: int = 1) -> dict[str, tuple[int, ...]]:
-    """Every key of an official ``best_model.pt`` with its shape, in TransformerModel's order."""
+    """Every key of a ``TransformerModel`` as embed_data instantiates it (a fine-tuned file saved from
+    it has these), with its shape, in TransformerModel's order."""
     return {**official_encoder_shapes(cfg, ntoken), **official_head_shapes(cfg, n_cls)}
+
+
+def released_head_shapes(cfg: ScGPTConfig) -> dict[str, tuple[int, ...]]:
+    """The non-encoder tensors of the RELEASED pretrained ``best_model.pt`` (scGPT_human and the other
+    whole-body/organ models, trained with generative pretraining): ``flag_encoder`` (nn.Embedding(2, d)),
+    the expression decoder and the MVC decoder; NO ``cls_decoder`` (the classifier is not pretrained;
+    bowang-lab/scGPT issue #78, RCHENLAB/scGPT_fineTune_protocol issue #2 list the mismatch)."""
+    heads = {k: v for k, v in official_head_shapes(cfg).items() if not k.startswith("cls_decoder.")}
+    return {"flag_encoder.weight": (2, cfg.d_model), **heads}
+
+
+def released_shapes(cfg: ScGPTConfig, ntoken: int) -> dict[str, tuple[int, ...]]:
+    """Every key of a released pretrained ``best_model.pt`` (FlashMHA ``Wqkv`` names) with its shape."""
+    return {**official_encoder_shapes(cfg, ntoken), **released_head_shapes(cfg)}
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -520,11 +551,12 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def canonical_keys(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Official flash-attn names: ``self_attn.in_proj_weight|bias`` (scGPT's renamed form) ->
-    ``self_attn.Wqkv.weight|bias``; both forms of one tensor in the same file is an error."""
+    """Official flash-attn names: ``self_attn.in_proj_weight|bias`` (scGPT's renamed form, and
+    ``nn.MultiheadAttention``'s) and ``self_attn._impl.Wqkv|out_proj.*`` (newer scGPT's wrapped flash-attn
+    module) -> ``self_attn.Wqkv|out_proj.*``; two names of one tensor in the same file is an error."""
     out: dict[str, Any] = {}
     for key, val in state.items():
-        canon = _IN_PROJ.sub(r"\1Wqkv.\2", key)
+        canon = _IMPL.sub(r"\1\2.\3", _IN_PROJ.sub(r"\1Wqkv.\2", key))
         if canon in out:
             raise UserError(f"{path} holds both {canon} and {key} (the same weight under two names); keep one")
         out[canon] = val
@@ -533,7 +565,8 @@ def canonical_keys(state: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[str, torch.Tensor]]:
     """(config, vocabulary, encoder state dict in this module's names) of an scGPT checkpoint
-    directory; strict: every official key must be there with its shape, nothing else may be."""
+    directory. Every encoder tensor must be there with its shape; the heads (``SKIPPED_MODULES``) are
+    skipped and named in one log line; any other key is an error."""
     check_checkpoint_dir(ckpt_dir)
     cfg = config_from_args(read_args(ckpt_dir / ARGS_FILE))
     vocab = read_vocab(ckpt_dir / VOCAB_FILE)
@@ -550,17 +583,15 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[ScGPTConfig, dict[str, int], dict[s
             f"tensor); found a dict with keys {short_keys(list(raw))}"
         )
     state = canonical_keys(raw, path)
-    out_w = state.get("cls_decoder.out_layer.weight")
-    n_cls = int(out_w.shape[0]) if isinstance(out_w, torch.Tensor) and out_w.dim() == 2 else 1
-    expected = official_shapes(cfg, len(vocab), n_cls)
+    expected = official_encoder_shapes(cfg, len(vocab))
     emb = state.get("encoder.embedding.weight")
     if isinstance(emb, torch.Tensor) and tuple(emb.shape) != expected["encoder.embedding.weight"]:
         raise UserError(f"{path}: key encoder.embedding.weight has shape {tuple(emb.shape)}, {ARGS_FILE}/{VOCAB_FILE} "
                         f"need {expected['encoder.embedding.weight']} ({VOCAB_FILE} has {len(vocab)} tokens incl. "
                         "special tokens)")
-    check_state(state, expected, str(path), f"the scGPT architecture of its {ARGS_FILE} ({cfg.nlayers} layers, "
-                f"d {cfg.d_model})", f"{ARGS_FILE}/{VOCAB_FILE}")
-    return cfg, vocab, {k: state[k] for k in official_encoder_shapes(cfg, len(vocab))}
+    encoder = check_state(state, expected, str(path), f"the scGPT encoder of its {ARGS_FILE} ({cfg.nlayers} layers, "
+                          f"d {cfg.d_model})", f"{ARGS_FILE}/{VOCAB_FILE}", skip=SKIPPED_MODULES)
+    return cfg, vocab, encoder
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -583,6 +614,8 @@ class ScGPTModel(FoundationModel):
         "human": human_args(),
     }
     lora_targets: ClassVar[list[str]] = ["self_attn.Wqkv", "self_attn.out_proj", "linear1", "linear2"]
+    #: get_batch_cell_embeddings runs under torch.cuda.amp.autocast (float16) on a GPU
+    upstream_gpu_dtype = "float16"
     #: binning is by rank within a cell, so counts and normalised + log1p data give the same tokens
     requires_counts = False
     default_options: ClassVar[dict[str, Any]] = {
@@ -675,6 +708,7 @@ class ScGPTModel(FoundationModel):
         return {"input_ids": input_ids, "values": values, "attention_mask": mask}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> ScGPTEncoder:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         cfg, vocab, state = read_checkpoint(self.checkpoint_dir())
         self._meta = (cfg, vocab)
         return materialize(lambda: ScGPTEncoder(cfg, len(vocab), vocab[cfg.pad_token]), state, device, dtype)
@@ -701,9 +735,10 @@ class ScGPTModel(FoundationModel):
             # TransformerModel.init_weights: gene embeddings uniform in [-0.1, 0.1]
             nn.init.uniform_(module.encoder.embedding.weight, -0.1, 0.1)
             state: dict[str, torch.Tensor] = dict(module.state_dict())
-            for key, shape in official_head_shapes(cfg).items():
+            # the RELEASED file's key set: heads of generative pretraining, no classifier
+            for key, shape in released_head_shapes(cfg).items():
                 state[key] = _random_head_tensor(key, shape)
-        ordered = {k: state[k].contiguous() for k in official_shapes(cfg, len(vocab))}
+        ordered = {k: state[k].contiguous() for k in released_shapes(cfg, len(vocab))}
         with atomic_file(out_dir / CHECKPOINT_FILE) as tmp:
             torch.save(ordered, tmp)
         write_json(out_dir / ARGS_FILE, args)

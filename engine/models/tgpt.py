@@ -43,15 +43,16 @@ Where it differs (the ranking step, which tGPT does not publish), and why:
   cut) keep the store's gene order (stable sort). Third-party scripts that feed tGPT sort a dense row
   with ``np.argsort`` (quicksort: tie order implementation- and CPU-dependent) or use Python's
   ``sorted`` (stable, like here); none of them is part of tGPT.
-* ``exclude_genes="mito_ribo"`` (the default) leaves out mitochondrially encoded genes (``MT-*``) and
+* ``exclude_genes="mito_ribo"`` (an option; the default ``none`` ranks every expressed gene, as the
+  bare inference code would) leaves out mitochondrially encoded genes (``MT-*``) and
   cytosolic ribosomal protein genes (``RPL*``/``RPS*``, ``RPLP0-2``, ``RPSA``; not their ``L``
   paralogs, pseudogenes or ``RPS6K*``) before ranking. Evidence that the pretraining sentences were
   built without them: the vocabulary, apparently ordered by frequency in the corpus (``TMSB4X``,
   ``FTH1``, ``ACTB`` ... first), has no ``MT_*`` symbol at all and puts the ribosomal genes, which top
   almost every cell's raw counts, after position 11,900 of 21,150; the 100 cells of the official
   ``data/val.txt`` (62 genes each) contain none of them. On the real GSE149383 cells, keeping them
-  would fill 22% of the 62 positions on average, the mitochondrial ones as ``<unk>``.
-  ``exclude_genes="none"`` ranks all genes, as the bare inference code would. (``MALAT1`` and
+  would fill 22% of the 62 positions on average, the mitochondrial ones as ``<unk>``. The default stays
+  with what tGPT's code does (nothing removes them there), so the filter is one option away. (``MALAT1`` and
   ``NEAT1`` are rare in the vocabulary too, at 13,737 and 19,159, and absent from ``val.txt``, but no
   rule that would explain it is known; they are kept.)
 * Store genes without a symbol, or whose symbol column holds Ensembl IDs, are named through the
@@ -63,7 +64,8 @@ Where it differs (the ranking step, which tGPT does not publish), and why:
   absent, or ``GPT2Model`` keys (no prefix); in ``.bin`` or ``.safetensors``. The legacy buffers
   ``h.N.attn.bias`` / ``h.N.attn.masked_bias`` of transformers 4.x files are shape-checked and ignored.
 * Attention runs through PyTorch SDPA (``attn_implementation="sdpa"``), not the eager softmax: the same
-  math. The caller picks the dtype (fp32 on CPU, bf16 on GPU); the embedding is returned as float32.
+  math. Precision: option ``dtype`` (``upstream``, the default: float32, as the original); the embedding
+  is returned as float32.
 
 Checkpoints: ``init_random`` writes the official folder layout (``config.json``, ``pytorch_model.bin``
 with the ``GPT2LMHeadModel`` keys and legacy buffers of a transformers-4.x file, ``tokenizer.json``,
@@ -535,7 +537,7 @@ class TgptModel(FoundationModel):
         "checkpoint": None,
         "preset": None,
         "max_len": DEFAULT_MAX_LEN,  # tokens per cell incl. </b> and </s> (the original's max_len)
-        "exclude_genes": "mito_ribo",  # mito_ribo | none
+        "exclude_genes": "none",  # none (upstream: every expressed gene is ranked) | mito_ribo
         "unknown_genes": "unk",  # unk (as the original's tokenizer) | drop
         "min_coverage": MIN_COVERAGE,
     }
@@ -644,6 +646,7 @@ class TgptModel(FoundationModel):
     def load(self, device: str = "cpu", dtype: Any = None) -> Any:
         import torch
 
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         ckpt = self.checkpoint_dir()
         cfg = self.config()
         _ = self.vocabulary(), self.max_length  # refuse a bad tokenizer or option before reading weights

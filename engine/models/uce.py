@@ -137,6 +137,8 @@ DEFAULT_ARGS: dict[str, int] = {
 }
 #: get_ESM2_embeddings: chromosome rows appended to a token table that has none, from this seed
 CHROM_SEED = 23
+#: modules of the official file that a cell embedding never runs (pretraining's binary decoder)
+UNUSED_MODULES = ("binary_decoder.", "gene_embedding_layer.")
 #: binary_decoder's input is output_dim + 1280 in the original whatever d_model is
 BINARY_EXTRA = 1280
 MIN_COVERAGE = 0.2
@@ -292,7 +294,7 @@ class _Layers(nn.Module):
 class UCEModel(nn.Module):
     """TransformerModel with the official attribute names; ``forward`` gives the cell embedding."""
 
-    def __init__(self, cfg: dict[str, Any], dropout: float = 0.05) -> None:
+    def __init__(self, cfg: dict[str, Any], dropout: float = 0.05, heads: bool = True) -> None:
         super().__init__()
         t, d, o = cfg["token_dim"], cfg["d_model"], cfg["output_dim"]
         self.config = dict(cfg)
@@ -303,14 +305,14 @@ class UCEModel(nn.Module):
         self.decoder = nn.Sequential(
             _full_block(d, 1024, dropout), _full_block(1024, o, dropout), _full_block(o, o, dropout), nn.Linear(o, o)
         )
-        # not used for cell embeddings; kept so the state dict is the official one
-        self.binary_decoder = nn.Sequential(
-            _full_block(o + BINARY_EXTRA, 2048, dropout),
-            _full_block(2048, 512, dropout),
-            _full_block(512, 128, dropout),
-            nn.Linear(128, 1),
-        )
-        self.gene_embedding_layer = nn.Sequential(nn.Linear(t, d), nn.GELU(), nn.LayerNorm(d))
+        if heads:  # not used for cell embeddings; built by init_random so its file is the official one
+            self.binary_decoder = nn.Sequential(
+                _full_block(o + BINARY_EXTRA, 2048, dropout),
+                _full_block(2048, 512, dropout),
+                _full_block(512, 128, dropout),
+                nn.Linear(128, 1),
+            )
+            self.gene_embedding_layer = nn.Sequential(nn.Linear(t, d), nn.GELU(), nn.LayerNorm(d))
         self.pe_embedding = nn.Embedding(cfg["n_tokens"], t)
         self.pe_embedding.weight.requires_grad_(False)  # frozen in the original (from_pretrained)
 
@@ -558,16 +560,18 @@ def _config_from_state(state: dict[str, Any], args: dict[str, int], path: Path) 
 
 
 def read_checkpoint(ckpt: Path, args: dict[str, int]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state dict in this module's key names) of the model file; strict: every official key with
-    its shape, nothing else."""
+    """(config, state dict in this module's key names) of the model file: every key the cell embedding
+    runs, with its shape; ``UNUSED_MODULES`` skipped (named in a log line); nothing else."""
     path = model_file(ckpt)
     state = load_weights_file(path, "save the model's state dict only (torch.save(model.state_dict()))")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise UserError(f"{path} does not hold a state dict (name -> tensor)")
     cfg = _config_from_state(state, args, path)
-    expected = official_shapes(cfg)
-    check_state(state, expected, str(path), f"the UCE architecture ({cfg['nlayers']} layers)")
-    return cfg, {_to_module_key(k): v for k, v in state.items()}
+    expected = {k: v for k, v in official_shapes(cfg).items() if not k.startswith(UNUSED_MODULES)}
+    # the binary (gene-expressed) decoder and its gene embedding layer serve UCE's pretraining loss only
+    kept = check_state(state, expected, str(path), f"the UCE architecture ({cfg['nlayers']} layers)",
+                       skip=lambda k: k.startswith(UNUSED_MODULES))
+    return cfg, {_to_module_key(k): v for k, v in kept.items()}
 
 
 def token_table(ckpt: Path, pe: torch.Tensor, chrom_offset: int) -> torch.Tensor:
@@ -645,13 +649,14 @@ class UCE(FoundationModel):
         return {"input_ids": torch.from_numpy(ids), "attention_mask": mask}
 
     def load(self, device: str = "cpu", dtype: Any = None) -> UCEModel:
+        dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         ckpt = self.checkpoint_dir()
         args = self.args()
         cfg, state = read_checkpoint(ckpt, args)
         table = token_table(ckpt, state["pe_embedding.weight"], args["CHROM_TOKEN_OFFSET"])
         state["pe_embedding.weight"] = table
         cfg["n_tokens"] = int(table.shape[0])
-        module = materialize(lambda: UCEModel(cfg), state, device, dtype)
+        module = materialize(lambda: UCEModel(cfg, heads=False), state, device, dtype)
         module.pe_embedding.weight.requires_grad_(False)
         self._n_tokens = cfg["n_tokens"]
         return module
