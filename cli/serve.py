@@ -168,6 +168,24 @@ def serve_cmd(
     batch_wait_ms: Annotated[float, typer.Option(help="How long a replica waits to fill a batch.")] = 10.0,
     replica_cpus: Annotated[float, typer.Option(help="CPUs per predictor replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="GPUs per predictor replica.")] = 0.0,
+    ingress_replicas: Annotated[int, typer.Option(help="Ingress (HTTP) replicas: two, so one's death leaves "
+                                                  "the other serving.")] = 2,
+    max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
+                                                      "(0: 2 x --max-batch-size).")] = 0,
+    max_queued_requests: Annotated[int, typer.Option(help="Requests queued for the predictors per ingress replica "
+                                                     "(0: 2 x --max-batch-size); more: 503 + Retry-After.")] = 0,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
+                                                   "after); the proxy gives up 10 s later.")] = 30.0,
+    rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (token bucket per ingress replica; "
+                                              "429 + Retry-After above); 0: off.")] = 0.0,
+    rate_burst: Annotated[int, typer.Option(help="Token bucket size (0: 2 x --rate-limit).")] = 0,
+    max_json_cells: Annotated[int, typer.Option(help="Most cells in a JSON answer; larger answers stream as "
+                                                "NDJSON (Accept: application/x-ndjson).")] = 50_000,
+    default_model: Annotated[str | None, typer.Option(help="Model /readyz loads (default: the registry's "
+                                                      "first).")] = None,
+    drain_grace: Annotated[float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to finish requests in "
+                                               "flight before stopping.")] = 30.0,
+    docs: Annotated[bool, typer.Option(help="Serve the API docs at /docs (Swagger UI, from the package).")] = True,
     address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
     llm: Annotated[Path | None, typer.Option(help="Also serve this Hugging Face causal-LM directory (e.g. "
                                              "Meta-Llama-3-8B) with vLLM: OpenAI-compatible /v1/embeddings, "
@@ -185,8 +203,16 @@ def serve_cmd(
 
     from scdrugmap_ray.engine.registry import Registry
     from scdrugmap_ray.jobs.runner import _init_ray
-    from scdrugmap_ray.serve.app import ServeConfig, run_app
+    from scdrugmap_ray.serve.app import APP_NAME, ServeConfig, drain, run_app
 
+    for opt, val in (("--ingress-replicas", ingress_replicas), ("--min-replicas", min_replicas),
+                     ("--max-batch-size", max_batch_size)):
+        if val < 1:
+            raise UserError(f"{opt} {val}: give at least 1")
+    for opt, num in (("--request-timeout", request_timeout), ("--rate-limit", rate_limit),
+                     ("--drain-grace", drain_grace)):
+        if not num >= 0:
+            raise UserError(f"{opt} {num}: give a number >= 0")
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
@@ -198,6 +224,10 @@ def serve_cmd(
         min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
         max_models_per_replica=max_models_per_replica, max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_ms / 1000, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+        ingress_replicas=ingress_replicas, max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests, request_timeout_s=request_timeout, rate_limit=rate_limit,
+        rate_burst=rate_burst, max_json_cells=max_json_cells, default_model=default_model,
+        drain_grace_s=drain_grace, docs=docs,
         llm=str(llm.resolve()) if llm else None, llm_name=llm_name, llm_cpus=llm_cpus, llm_gpus=llm_gpus,
         llm_kv_cache_gb=llm_kv_cache_gb, llm_embed_only=llm_embed_only,
     )
@@ -218,14 +248,16 @@ def serve_cmd(
     import ray
     from ray import serve
 
-    # Ray installs its own SIGINT handling in the driver: stop on SIGINT/SIGTERM explicitly, and take the
-    # embedded Ray (its raylet and workers) down with the server.
+    # Ray installs its own SIGINT handling in the driver: stop on SIGINT/SIGTERM explicitly. Drain first (new
+    # requests get 503, those in flight finish), then take Serve and the embedded Ray down with the server.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
-    _say("stopping")
+    _say(f"draining (up to {drain_grace:g} s for the requests in flight)")
+    drained, left = drain(APP_NAME, drain_grace, ingress_replicas)
+    _say("drained; stopping" if drained else f"grace period over with {left} request(s) in flight; stopping")
     serve.shutdown()
     ray.shutdown()
 

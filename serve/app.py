@@ -2,20 +2,32 @@
 deployments that load registry models on demand (``@serve.multiplexed``, LRU) and batch requests
 (``@serve.batch``).
 
-    GET  /healthz            liveness (no API key)
-    GET  /v1/models          registry models (name, version, kind, metrics, gene count)
+    GET  /healthz            liveness: answered by the ingress's outermost middleware, never queued
+    GET  /readyz             readiness: every deployment HEALTHY and the default model loadable (503 if not)
+    GET  /v1/models          registry models (name, version, kind, metrics, gene count); needs the API key
     POST /v1/predict         multipart (``model``, ``file``: .h5ad) or JSON cells -> per-cell predictions + summary
     POST /v1/embed           the same inputs -> per-cell embeddings (the features the head reads)
-    GET  /                   the web page (static HTML/JS, no CDN, works offline)
+    GET  /                   the web page (static HTML/JS, no CDN, works offline); /docs: Swagger UI, served locally
 
-With ``llm`` set (``serve --llm MODEL_DIR``), the same ingress also serves a vLLM-backed LLM through
-OpenAI-compatible routes (/v1/embeddings, /v1/completions, /v1/chat/completions, the LLMs listed by
-/v1/models) and cell-sentence embeddings (POST /v1/llm/embed-cells): see serve/llm.py.
+Where the work runs: the ingress only moves bytes. The request body is read there (``BodyLimit`` caps it)
+and handed as bytes to a Predictor replica, which parses and validates it (pydantic, in a thread), loads the
+model, batches, and encodes the answer (JSON bytes, or NDJSON chunks streamed back through a streaming
+handle). So no request can stall the ingress's event loop, and the CPU work scales with the predictors.
 
-Bad input is a 4xx with a message, never a 500: 401 (API key), 404 (unknown model), 413 (body or cell
-count too large), 415 (not an .h5ad), 422 (validation: unknown genes, no overlap with the model's genes,
-non-count values for a count model, empty request). Model names are validated by the registry before
-they touch the file system.
+Load: every deployment has bounded ``max_ongoing_requests`` and ``max_queued_requests`` (from the batch
+size); above them a request is answered at once with ``503`` and ``Retry-After`` instead of waiting in a
+queue. Each predictor call has a deadline (``request_timeout_s``) and the proxy has an end-to-end timeout.
+An optional per-API-key token bucket answers ``429``. A predictor replica that dies mid-request costs the
+client nothing: predictions are pure, so the ingress retries them on another replica.
+
+Drain: ``scdrugmap-ray serve`` on SIGTERM sets a flag (Ray's internal KV) that every ingress replica
+watches: new requests get ``503`` + ``Connection: close``, ``/readyz`` turns 503, and the command waits until
+every ingress replica reports no request in flight (or the grace period ends) before shutting Serve down.
+
+Bad input is a one-line JSON 4xx, never a 500: 400 (malformed JSON or multipart), 401 (API key),
+404 (unknown model: ``no model 'x'``, no server path, no list), 413 (body, cell count, or a JSON answer
+above ``max_json_cells``: ask for NDJSON), 415 (not an .h5ad / JSON), 422 (validation: strict types,
+duplicated keys, unknown genes, no overlap with the model's genes, negative or non-finite values).
 """
 
 from __future__ import annotations
@@ -23,19 +35,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import tempfile
-from dataclasses import asdict, dataclass
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "scdrugmap"
+NDJSON = "application/x-ndjson"
+#: routes that run a model: counted against the ingress's admission limit
+HEAVY_PATHS = ("/v1/predict", "/v1/embed", "/v1/llm/embed-cells")
+KV_NAMESPACE = "scdrugmap_serve"
+# the API key's two security schemes (module level: the route signatures name them, see /openapi.json)
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+BEARER = HTTPBearer(auto_error=False, description="the API key as a Bearer token")
 
 
 @dataclass
@@ -44,6 +71,7 @@ class ServeConfig:
     api_key: str | None = None
     max_upload_bytes: int = 100_000_000
     max_cells: int = 200_000
+    max_json_cells: int = 50_000  # larger answers only as NDJSON (Accept: application/x-ndjson)
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 4.0
@@ -53,6 +81,15 @@ class ServeConfig:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     ingress_cpus: float = 0.0
+    ingress_replicas: int = 2  # two: one replica's death leaves the other serving
+    max_ongoing_requests: int = 0  # per predictor replica; 0: 2 x max_batch_size
+    max_queued_requests: int = 0  # per caller of the predictor; 0: 2 x max_batch_size
+    request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
+    rate_limit: float = 0.0  # requests/s per API key (token bucket, per ingress replica); 0: off
+    rate_burst: int = 0  # bucket size; 0: 2 x rate_limit (at least 1)
+    default_model: str | None = None  # /readyz loads it; None: the registry's first name
+    drain_grace_s: float = 30.0
+    docs: bool = True  # /docs (Swagger UI served from the package, no CDN)
     llm: str | None = None  # a Hugging Face causal-LM directory: adds the LLM deployments (serve/llm.py)
     llm_name: str = "llama"
     llm_cpus: float = 1.0  # per LLM engine (two engines: generation and embeddings)
@@ -60,16 +97,161 @@ class ServeConfig:
     llm_kv_cache_gb: float = 1.0  # vLLM's KV cache on CPU
     llm_embed_only: bool = False  # only the embedding engine (no chat/completions)
 
+    @property
+    def predictor_ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def predictor_queued(self) -> int:
+        return self.max_queued_requests or 2 * self.max_batch_size
+
+    @property
+    def ingress_admit(self) -> int:
+        """Model requests one ingress replica holds at once (the rest: 503): its share of what the
+        predictors run and queue, with room for the requests still reading their bodies."""
+        share = math.ceil(self.predictor_ongoing * max(self.max_replicas, 1) / max(self.ingress_replicas, 1))
+        return 2 * (share + self.predictor_queued)
+
 
 class RequestError(Exception):
-    """A bad request: HTTP status and a one-line message."""
+    """A bad request: HTTP status, a one-line message, and headers (``Retry-After``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
 
 
-# ------------------------------------------------------------------------------------ request parsing
+# ------------------------------------------------------------------------------- request bodies
+
+
+class CellIn(BaseModel):
+    """One cell: its id and its expression (gene symbol or Ensembl ID -> non-negative count or value)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    cell_id: StrictStr | None = Field(None, max_length=256, description="unique within the request (default cellN)")
+    expression: dict[StrictStr, StrictInt | StrictFloat] = Field(
+        description="gene -> value; zeros may be left out; every value a finite number >= 0", examples=[{"EGFR": 3}])
+
+
+class PredictRequest(BaseModel):
+    """The JSON body of /v1/predict and /v1/embed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: StrictStr = Field(min_length=1, max_length=200, description="registry model NAME or NAME@VERSION",
+                             examples=["pca-sim@1"])
+    cells: list[CellIn] = Field(min_length=1, description="the cells (at most the server's --max-cells)")
+    ignore_unknown_genes: StrictBool = Field(False, description="drop genes the model does not know (else 422)")
+    embedding_2d: StrictBool = Field(False, description="also return a 2-D PCA of the features (JSON answers)")
+
+
+class PredictUpload(BaseModel):
+    """The multipart form of /v1/predict and /v1/embed."""
+
+    model: str = Field(description="registry model NAME or NAME@VERSION")
+    file: bytes = Field(json_schema_extra={"format": "binary"}, description="an AnnData .h5ad")
+    embedding_2d: bool = Field(False, description="'true' or 'false'")
+
+
+@dataclass
+class Cells:
+    """Cells of one request, parsed and validated (in a predictor replica)."""
+
+    model: str
+    ids: list[str]
+    csr: Any
+    genes: Any
+    lenient: bool = False  # unknown genes are dropped instead of refused
+    embedding_2d: bool = False
+    dropped: int = 0  # empty cells dropped from an upload
+    json_body: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # fields a route allows beyond PredictRequest's
+
+
+MAX_VALUE = float(2**53)  # larger is no count or expression value (and not exact as a float)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:20] + "..." + r[-8:]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise RequestError(422, f"key {dup!r} appears twice in one JSON object; send each key once")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise RequestError(422, f"{name} is not a JSON number; send finite numbers only")
+
+
+def _one_line(err: ValidationError) -> str:
+    """A pydantic error as one line: where (cells[3].expression.EGFR), what, and how many more."""
+    errors = err.errors(include_url=False)
+    first, msg = errors[0], errors[0]["msg"]
+    loc = list(first["loc"])
+    if loc and loc[-1] in ("int", "float"):  # a value of the int | float union: one error, not two
+        loc, msg = loc[:-1], "Input should be a number"
+    where = ""
+    for part in loc:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    n = len({tuple(p for p in e["loc"] if p not in ("int", "float")) for e in errors})
+    more = f" (and {n - 1} more)" if n > 1 else ""
+    return f"{where or 'body'}: {msg}{more}"
+
+
+def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] = ()) -> Cells:
+    """JSON cells (``PredictRequest``) from the raw body: strict types, no duplicated keys, no NaN; CPU work
+    (runs in a thread of a predictor replica)."""
+    import scipy.sparse as sp
+    from scdrugmap_ray.engine.registry import _genes_frame
+
+    try:
+        body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError(400, "the JSON body is nested too deeply; send {model, cells: [...]}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the body is not valid JSON ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(body, dict):
+        raise RequestError(422, "the JSON body must be an object with 'model' and 'cells'")
+    extra = {k: body.pop(k) for k in extra_fields if k in body}
+    cells = body.get("cells")
+    if isinstance(cells, list) and len(cells) > max_cells:
+        raise RequestError(413, f"{len(cells)} cells in one request; at most {max_cells}")
+    try:
+        req = PredictRequest.model_validate(body)
+    except ValidationError as err:
+        raise RequestError(422, _one_line(err)) from None
+    gene_pos: dict[str, int] = {}
+    ids, indptr, indices, data = [], [0], [], []
+    for i, cell in enumerate(req.cells):
+        ids.append(cell.cell_id if cell.cell_id is not None else f"cell{i}")
+        for g, v in cell.expression.items():
+            try:
+                x = float(v)
+            except OverflowError:
+                x = math.inf
+            if not (0.0 <= x < MAX_VALUE):  # also refuses NaN
+                raise RequestError(422, f"cells[{i}].expression.{g}: {_short(v)} is not a number in [0, 2**53)")
+            if x == 0:
+                continue
+            indices.append(gene_pos.setdefault(g, len(gene_pos)))
+            data.append(x)
+        indptr.append(len(indices))
+    if len(set(ids)) != len(ids):
+        raise RequestError(422, "cell_id values must be unique within a request")
+    if not gene_pos:
+        raise RequestError(422, "no cell has any non-zero gene value")
+    csr = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr)),
+                        shape=(len(ids), len(gene_pos)))
+    return Cells(req.model, ids, csr, _genes_frame(list(gene_pos)), req.ignore_unknown_genes, req.embedding_2d,
+                 extra=extra)
 
 
 def cells_from_h5ad(data: bytes, filename: str) -> tuple[list[str], Any, Any, int]:
@@ -93,43 +275,13 @@ def cells_from_h5ad(data: bytes, filename: str) -> tuple[list[str], Any, Any, in
             csr = store.read_csr()
             genes = store.genes
         except UserError as err:
-            msg = str(err).replace(str(src), filename)
+            msg = str(err).replace(str(src), filename).replace(tmp, "")
             raise RequestError(422, msg) from None
+    if csr.nnz and float(csr.data.min()) < 0:
+        row = int(np.searchsorted(csr.indptr, int(np.argmin(csr.data)), side="right") - 1)
+        raise RequestError(422, f"{filename!r} holds negative values (e.g. cell {ids[row]!r}); upload counts or "
+                                "non-negative normalized expression")
     return ids, csr, genes, report.n_empty_dropped
-
-
-def cells_from_json(body: dict[str, Any], max_cells: int) -> tuple[list[str], Any, Any]:
-    """JSON cells: ``{"cells": [{"cell_id": "c1", "expression": {"GENE": count, ...}}, ...]}``."""
-    import scipy.sparse as sp
-    from scdrugmap_ray.engine.registry import _genes_frame
-
-    cells = body.get("cells")
-    if not isinstance(cells, list) or not cells:
-        raise RequestError(422, "'cells' must be a non-empty list of {cell_id, expression: {gene: value}}")
-    if len(cells) > max_cells:
-        raise RequestError(413, f"{len(cells)} cells in one request; at most {max_cells}")
-    gene_pos: dict[str, int] = {}
-    ids, indptr, indices, data = [], [0], [], []
-    for i, cell in enumerate(cells):
-        if not isinstance(cell, dict) or not isinstance(cell.get("expression"), dict):
-            raise RequestError(422, f"cells[{i}]: expected an object with 'expression': {{gene: value}}")
-        ids.append(str(cell.get("cell_id", f"cell{i}")))
-        for g, v in cell["expression"].items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
-                raise RequestError(422, f"cells[{i}] gene {g!r}: value {v!r} is not a finite non-negative number")
-            if v == 0:
-                continue
-            indices.append(gene_pos.setdefault(str(g), len(gene_pos)))
-            data.append(float(v))
-        indptr.append(len(indices))
-    if len(set(ids)) != len(ids):
-        raise RequestError(422, "cell_id values must be unique within a request")
-    if not gene_pos:
-        raise RequestError(422, "no cell has any non-zero gene value")
-    csr = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr)),
-                        shape=(len(ids), len(gene_pos)))
-    csr.sum_duplicates()
-    return ids, csr, _genes_frame(list(gene_pos))
 
 
 def embedding_2d(feats: np.ndarray) -> list[list[float]]:
@@ -145,14 +297,218 @@ def embedding_2d(feats: np.ndarray) -> list[list[float]]:
     return np.round(xy, 4).tolist()
 
 
+# ------------------------------------------------------------------------------- answers
+
+
+@dataclass
+class Answer:
+    """A computed answer, before encoding."""
+
+    meta: dict[str, Any]
+    ids: list[str]
+    p: np.ndarray
+    feats: np.ndarray | None
+    features: bool  # the /v1/embed route
+    want_2d: bool
+
+
+def _cell_rows(ans: Answer, lo: int, hi: int) -> list[dict[str, Any]]:
+    from scdrugmap_ray.engine.registry import label_of
+
+    if ans.features:
+        assert ans.feats is not None
+        emb = np.round(ans.feats[lo:hi].astype(np.float64), 6).tolist()
+        return [{"cell_id": c, "embedding": e} for c, e in zip(ans.ids[lo:hi], emb, strict=True)]
+    p = ans.p[lo:hi]
+    return [{"cell_id": c, "p_sensitive": round(float(v), 6), "label": lab}
+            for c, v, lab in zip(ans.ids[lo:hi], p, label_of(p), strict=True)]
+
+
+def _head(ans: Answer) -> dict[str, Any]:
+    from scdrugmap_ray.engine.registry import summarize
+
+    if ans.features:
+        dim = int(ans.feats.shape[1]) if ans.feats is not None and ans.feats.ndim == 2 else 0
+        return {**ans.meta, "dim": dim}
+    return {**ans.meta, "summary": summarize(ans.p)}
+
+
+def encode_json(ans: Answer) -> bytes:
+    out = {**_head(ans), "cells": _cell_rows(ans, 0, len(ans.ids))}
+    if ans.want_2d and ans.feats is not None and not ans.features:
+        out["embedding_2d"] = embedding_2d(ans.feats)
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+NDJSON_CHUNK = 2000  # cells per streamed chunk
+
+
+def ndjson_chunks(ans: Answer) -> Iterator[tuple[int, int]]:
+    """Cell ranges of the NDJSON stream (line 1: everything but the cells; then one line per cell)."""
+    for lo in range(0, len(ans.ids), NDJSON_CHUNK):
+        yield lo, min(lo + NDJSON_CHUNK, len(ans.ids))
+
+
+def encode_ndjson(ans: Answer, lo: int, hi: int) -> bytes:
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in _cell_rows(ans, lo, hi)).encode()
+
+
+# ------------------------------------------------------------------------------- runtime guards
+
+
+class _Runtime:
+    """Per-process state of an ingress replica (one replica per process): drain flag, requests in flight."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self.heavy = 0
+
+
+RUNTIME = _Runtime()
+
+_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# Swagger UI sets inline style attributes: its page alone allows them
+_DOCS_CSP = _PAGE_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+
+
+def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    csp = _DOCS_CSP if path == "/docs" else _PAGE_CSP
+    return [(b"content-security-policy", csp.encode()), (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+
+
+class Guard:
+    """Outermost ASGI middleware of the ingress: /healthz answered here (nothing can queue in front of it),
+    security headers on every answer, 503 while draining, admission limit on the model routes, and the
+    count of requests in flight that the drain waits for."""
+
+    def __init__(self, app: Any, admit: int) -> None:
+        self.app, self.admit = app, admit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        extra = _security_headers(path)
+        if path == "/healthz":
+            await _send_json(send, 200, None, {"status": "ok"}, extra)
+            return
+        if RUNTIME.draining and path != "/readyz":
+            await _send_json(send, 503, "the server is shutting down; retry (another instance will answer)",
+                             headers=[*extra, (b"retry-after", b"1"), (b"connection", b"close")])
+            return
+        heavy = path in HEAVY_PATHS
+        if heavy and RUNTIME.heavy >= self.admit:
+            await _send_json(send, 503, f"the server is at capacity ({self.admit} model requests in flight on "
+                                        "this replica); retry after the Retry-After seconds",
+                             headers=[*extra, (b"retry-after", b"1")])
+            return
+
+        async def secured(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
+            await send(msg)
+
+        RUNTIME.inflight += 1
+        RUNTIME.heavy += heavy
+        try:
+            await self.app(scope, receive, secured)
+        finally:
+            RUNTIME.inflight -= 1
+            RUNTIME.heavy -= heavy
+
+
+class TokenBucket:
+    """Per-key token bucket: ``rate`` tokens/s, at most ``burst``; ``take`` -> 0 if allowed, else the wait (s)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 100_000:  # forget idle keys (bounded memory)
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+        return (1.0 - tokens) / self.rate
+
+
+def _drain_key(app: str) -> str:
+    return f"drain:{app}"
+
+
+def _watch_drain(app: str, replica: str) -> None:
+    """Thread of an ingress replica: follow the drain flag; while draining, report the requests in flight."""
+    from ray.experimental import internal_kv as kv
+
+    while True:
+        try:
+            nonce = kv._internal_kv_get(_drain_key(app), namespace=KV_NAMESPACE)
+            RUNTIME.draining = bool(nonce)
+            if nonce:
+                kv._internal_kv_put(f"inflight:{app}:{replica}", f"{nonce.decode()} {RUNTIME.inflight}",
+                                    overwrite=True, namespace=KV_NAMESPACE)
+        except Exception as err:  # the GCS restarting: keep the last state
+            log.debug("drain flag not read: %s", err)
+        time.sleep(0.2)
+
+
+def drain(app: str, grace_s: float, ingress_replicas: int) -> tuple[bool, int]:
+    """Stop the app's ingress replicas taking requests and wait until none is in flight (or ``grace_s``).
+    Returns (drained, requests still in flight)."""
+    from ray.experimental import internal_kv as kv
+
+    nonce = uuid.uuid4().hex
+    kv._internal_kv_put(_drain_key(app), nonce, overwrite=True, namespace=KV_NAMESPACE)
+    deadline = time.monotonic() + grace_s
+    left = -1
+    while time.monotonic() < deadline:
+        counts = []
+        for key in kv._internal_kv_list(f"inflight:{app}:", namespace=KV_NAMESPACE):
+            val = (kv._internal_kv_get(key, namespace=KV_NAMESPACE) or b"").decode().split()
+            if len(val) == 2 and val[0] == nonce:
+                counts.append(int(val[1]))
+        left = sum(counts)
+        if len(counts) >= ingress_replicas and left == 0:
+            return True, 0
+        time.sleep(0.2)
+    return False, left
+
+
+def _clear_drain(app: str) -> None:
+    from ray.experimental import internal_kv as kv
+
+    kv._internal_kv_del(_drain_key(app), namespace=KV_NAMESPACE)
+    for key in kv._internal_kv_list(f"inflight:{app}:", namespace=KV_NAMESPACE):
+        kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+
+
 # ------------------------------------------------------------------------------------------- the app
+
+
+def _bool_field(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise RequestError(422, f"form field {name!r} must be 'true' or 'false'")
 
 
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application (ingress bound to a predictor deployment) for ``serve.run``."""
     from ray import serve
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
     from scdrugmap_ray.engine.errors import UserError
-    from scdrugmap_ray.engine.registry import LoadedModel, Registry
+    from scdrugmap_ray.engine.registry import LoadedModel, Registry, gene_overlap, parse_ref
 
     autoscaling: dict[str, Any] | None = None
     num_replicas: int | None = cfg.min_replicas
@@ -160,89 +516,209 @@ def build_app(cfg: ServeConfig) -> Any:
         autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                        "target_ongoing_requests": cfg.target_ongoing_requests}
         num_replicas = None
+    shed = {"status_code": 503, "retry_after_s": 1}
+
+    def resolve(registry: Registry, ref: str) -> tuple[str, Path]:
+        """'name@version' and its directory; unknown: 404 naming only what was asked (no path, no list)."""
+        try:
+            name, version = parse_ref(ref)
+        except UserError as err:
+            raise RequestError(422, str(err)) from None
+        versions = registry.versions(name)
+        if not versions:
+            raise RequestError(404, f"no model {name!r}; GET /v1/models lists the models")
+        if version is not None and version not in versions:
+            raise RequestError(404, f"model {name!r} has no version {version}; GET /v1/models lists the versions")
+        version = version or versions[-1]
+        return f"{name}@{version}", registry.root / name / str(version)
 
     @serve.deployment(
         name="Predictor",
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-        max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+        max_ongoing_requests=cfg.predictor_ongoing,
+        max_queued_requests=cfg.predictor_queued,
+        backpressure_config=shed,
+        graceful_shutdown_timeout_s=cfg.drain_grace_s,
+        health_check_period_s=2.0,
         **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}),
     )
     class Predictor:
-        """Loads registry models on demand (LRU, ``max_models_per_replica``) and predicts batched requests."""
+        """Parses and validates requests, loads registry models on demand (LRU, ``max_models_per_replica``),
+        predicts batched requests and encodes the answers: all the CPU work of a request."""
 
         def __init__(self, registry: str) -> None:
             import torch
 
             self.registry = Registry(registry)
             self.device = "cuda" if cfg.replica_gpus and torch.cuda.is_available() else "cpu"
+            self._vocab: dict[str, frozenset[str]] = {}
+
+        def check_health(self) -> None:
+            if not self.registry.root.is_dir():
+                raise RuntimeError(f"the registry {self.registry.root} is gone")
 
         @serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
         async def get_model(self, model_id: str) -> LoadedModel:
-            path = self.registry.resolve(model_id)
+            _, path = resolve(self.registry, model_id)
             return await asyncio.to_thread(LoadedModel, path, self.device)
 
-        async def predict(self, req: dict[str, Any]) -> dict[str, Any]:
-            return await self._batched(req)
+        async def _load(self, ref: str) -> LoadedModel:
+            try:
+                return await self.get_model(ref)
+            except RequestError:
+                raise
+            except Exception as err:  # a broken registry entry is the server's fault: say so, log the details
+                log.exception("model %s could not be loaded", ref)
+                raise RequestError(500, f"model {ref!r} could not be loaded ({type(err).__name__}); see the "
+                                        "server log") from None
+
+        async def ready(self, ref: str) -> str:
+            """'' when ``ref`` resolves and loads, else why not."""
+            try:
+                await self._load(resolve(self.registry, ref)[0])
+            except RequestError as err:
+                return err.message
+            return ""
+
+        async def _compute(self, req: dict[str, Any]) -> Answer:
+            if req["kind"] == "json":
+                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells)
+            else:
+                ids, csr, genes, dropped = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
+                cells = Cells(req["model"], ids, csr, genes, True, req["embedding_2d"], dropped, json_body=False)
+            if len(cells.ids) > cfg.max_cells:
+                raise RequestError(413, f"{len(cells.ids)} cells in one request; at most {cfg.max_cells}")
+            if not req["stream"] and len(cells.ids) > cfg.max_json_cells:
+                raise RequestError(413, f"{len(cells.ids)} cells: a JSON answer holds at most {cfg.max_json_cells}; "
+                                        f"ask for a stream with the header 'Accept: {NDJSON}'")
+            if not cells.model:
+                raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
+            ref, _ = resolve(self.registry, cells.model)
+            model = await self._load(ref)
+            if ref not in self._vocab:
+                self._vocab[ref] = frozenset(model.vocabulary)
+            symbols = cells.genes["symbol"].astype(str).tolist()
+            known, unknown = gene_overlap(symbols, self._vocab[ref])
+            name = ref.split("@")[0]
+            if known == 0:
+                example = ", ".join(sorted(self._vocab[ref])[:3])
+                raise RequestError(422, f"none of the request's {len(symbols)} genes is in model {name!r}'s gene "
+                                        f"list (e.g. {example}); check the gene names (symbols or Ensembl IDs)")
+            if unknown and cells.json_body and not cells.lenient:
+                raise RequestError(422, f"{len(unknown)} gene(s) unknown to model {name!r}: "
+                                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; remove "
+                                        "them or send \"ignore_unknown_genes\": true")
+            if not cells.ids:
+                raise RequestError(422, "the upload holds no cell with any expression")
+            try:
+                prepared = await asyncio.to_thread(model.prepare, cells.ids, cells.csr, cells.genes)
+            except UserError as err:
+                raise RequestError(422, str(err)) from None
+            out = await self._batched((ref, prepared))
+            if isinstance(out, str):
+                raise RequestError(422, out)
+            p, feats = out
+            info = model.info
+            meta = {"model": info["name"], "version": info["version"], "kind": info["kind"],
+                    "base_model": info["model"], "random_weights": bool(info.get("random_weights")),
+                    "genes_in_request": len(symbols), "genes_known_to_model": known,
+                    "n_cells_skipped_empty": cells.dropped}
+            keep = req["features"] or cells.embedding_2d
+            return Answer(meta, cells.ids, p, feats if keep else None, req["features"], cells.embedding_2d)
+
+        async def answer(self, req: dict[str, Any]) -> dict[str, Any]:
+            """One JSON answer: ``{"status": 200, "body": bytes}`` or ``{"status": 4xx, "error": str}``."""
+            try:
+                ans = await self._compute(req)
+                return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
+            except RequestError as err:
+                return {"status": err.status, "error": err.message}
+
+        async def answer_stream(self, req: dict[str, Any]) -> AsyncIterator[Any]:
+            """NDJSON: first the status (a dict), then byte chunks: the head line, then one line per cell."""
+            try:
+                ans = await self._compute(req)
+            except RequestError as err:
+                yield {"status": err.status, "error": err.message}
+                return
+            yield {"status": 200}
+            yield (json.dumps(_head(ans), separators=(",", ":")) + "\n").encode()
+            for lo, hi in ndjson_chunks(ans):
+                yield await asyncio.to_thread(encode_ndjson, ans, lo, hi)
 
         @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
-        async def _batched(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            results: list[dict[str, Any] | None] = [None] * len(reqs)
+        async def _batched(self, items: list[tuple[str, Any]]) -> list[Any]:
+            results: list[Any] = [None] * len(items)
             by_model: dict[str, list[int]] = {}
-            for i, r in enumerate(reqs):
-                by_model.setdefault(r["model"], []).append(i)
-            for model_id, idx in by_model.items():
+            for i, (ref, _) in enumerate(items):
+                by_model.setdefault(ref, []).append(i)
+            for ref, idx in by_model.items():
+                model = await self.get_model(ref)  # loaded by _compute just before: an LRU hit
                 try:
-                    model = await self.get_model(model_id)
+                    outs = await asyncio.to_thread(model.run, [items[i][1] for i in idx])
                 except UserError as err:
                     for i in idx:
-                        results[i] = {"error": str(err), "status": 404}
+                        results[i] = str(err)
                     continue
-                ok: list[int] = []
-                prepared = []
-                for i in idx:  # one request's bad cells must not fail the others
-                    try:
-                        prepared.append(model.prepare(reqs[i]["cell_ids"], reqs[i]["csr"], reqs[i]["genes"]))
-                        ok.append(i)
-                    except UserError as err:
-                        results[i] = {"error": str(err), "status": 422}
-                if not ok:
-                    continue
-                try:
-                    outs = await asyncio.to_thread(model.run, prepared)
-                except UserError as err:
-                    for i in ok:
-                        results[i] = {"error": str(err), "status": 422}
-                    continue
-                for i, (p, feats) in zip(ok, outs, strict=True):
-                    results[i] = {"p": p, "features": feats if reqs[i].get("features") else None,
-                                  "n_cells_batch": len(ok)}
-            return results  # type: ignore[return-value]
+                for i, out in zip(idx, outs, strict=True):
+                    results[i] = out
+            return results
 
     api = FastAPI(
         title="scdrugmap-ray",
         version="1",
-        description="Single-cell drug-response prediction with registry models (sensitive vs resistant).",
+        description="Single-cell drug-response prediction with registry models (sensitive vs resistant). "
+                    "Model routes need the API key (X-API-Key header or Bearer token) when the server has one. "
+                    f"Answers above {cfg.max_json_cells:,} cells come only as NDJSON (Accept: {NDJSON}): line 1 "
+                    "holds everything but the cells, then one line per cell.",
+        docs_url=None,
+        redoc_url=None,
     )
     api.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)  # type: ignore[arg-type]
+    api.add_middleware(Guard, admit=cfg.ingress_admit)  # type: ignore[arg-type]  # added last: outermost
+    bucket = TokenBucket(cfg.rate_limit, cfg.rate_burst or max(1, int(2 * cfg.rate_limit))) if cfg.rate_limit else None
 
-    def check_key(
-        x_api_key: str | None = Header(default=None), authorization: str | None = Header(default=None)
-    ) -> None:
-        if cfg.api_key is None:
-            return
-        given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+    async def check_key(request: Request, x_api_key: Annotated[str | None, Security(KEY_HEADER)] = None,
+                        auth: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
+        import hashlib
         import hmac
 
-        if not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+        given = x_api_key or (auth.credentials if auth else None)
+        if cfg.api_key is not None and (not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode())):
             raise RequestError(401, "missing or wrong API key: send it as the X-API-Key header (or Bearer token)")
+        if bucket is not None:
+            who = hashlib.sha256(given.encode()).hexdigest() if given else (request.client.host if request.client
+                                                                            else "?")
+            wait = bucket.take(who)
+            if wait:
+                raise RequestError(429, f"rate limit of {cfg.rate_limit:g} requests/s for this API key reached; "
+                                        f"retry after {wait:.1f} s", retry_after=wait)
 
     @api.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"detail": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     from . import llm as llm_mod
 
     bases: tuple[type, ...] = (llm_mod.ingress_base(),) if cfg.llm else ()
+    body_doc = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/PredictUpload"}}}}}
+    answers_doc: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"application/json": {}, NDJSON: {}}, "description": "JSON, or NDJSON when asked"},
+        503: {"description": "at capacity or shutting down: retry after Retry-After seconds"},
+        429: {"description": "rate limit of the API key reached (Retry-After)"}}
 
     class Ingress(*bases):  # type: ignore[misc]
         def __init__(self, predictor: Any, llm_deployments: dict[str, Any] | None = None,
@@ -251,122 +727,129 @@ def build_app(cfg: ServeConfig) -> Any:
                 super().__init__(llm_deployments, model_cards)
             self.predictor = predictor
             self.registry = Registry(cfg.registry)
-            self._vocab: dict[str, list[str]] = {}
+            ctx = serve.get_replica_context()
+            self.app_name = ctx.app_name
+            threading.Thread(target=_watch_drain, args=(self.app_name, ctx.replica_id.unique_id), daemon=True,
+                             name="drain-watch").start()
 
-        def _model(self, ref: str) -> tuple[Path, dict[str, Any]]:
-            if not isinstance(ref, str) or not ref:
-                raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
-            try:
-                path = self.registry.resolve(ref)
-            except UserError as err:
-                raise RequestError(404 if "no model" in str(err) or "no version" in str(err) else 422,
-                                   str(err)) from None
-            return path, json.loads((path / "model.json").read_text())
+        def check_health(self) -> None:
+            if not self.registry.root.is_dir():
+                raise RuntimeError(f"the registry {self.registry.root} is gone")
 
-        def _vocabulary(self, path: Path) -> list[str]:
-            key = str(path)
-            if key not in self._vocab:
-                import pandas as pd
-
-                fit_cfg = path / "featurizer.json"
-                if fit_cfg.is_file():
-                    self._vocab[key] = list(json.loads(fit_cfg.read_text())["gene_symbols"])
+        async def _call(self, req: dict[str, Any], stream: bool) -> tuple[Any, Any]:
+            """The predictor's first answer (and the stream, if any), within the deadline; replicas that died
+            are retried (a prediction is a pure function of its input), overload is a 503 at once."""
+            deadline = time.monotonic() + cfg.request_timeout_s
+            attempt = 0
+            while True:
+                gen: Any = None
+                if stream:
+                    gen = self.predictor.options(stream=True).answer_stream.remote(req)
+                    pending: Any = gen.__anext__()
                 else:
-                    self._vocab[key] = pd.read_parquet(path / "genes.parquet")["symbol"].astype(str).tolist()
-            return self._vocab[key]
+                    pending = gen = self.predictor.answer.remote(req)
+                try:
+                    first = await asyncio.wait_for(pending, timeout=max(0.1, deadline - time.monotonic()))
+                    return first, gen
+                except BackPressureError:
+                    raise RequestError(503, "the server is at capacity; retry after the Retry-After seconds",
+                                       retry_after=1) from None
+                except TimeoutError:
+                    gen.cancel()
+                    raise RequestError(503, f"no answer within {cfg.request_timeout_s:g} s (the server is "
+                                            "overloaded); retry later", retry_after=2) from None
+                except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
+                    attempt += 1
+                    if attempt > 4 or time.monotonic() > deadline:
+                        raise RequestError(503, "no predictor replica could answer; retry later",
+                                           retry_after=2) from None
+                    log.warning("predictor call failed (%s); retrying (%d)", type(err).__name__, attempt)
+                    await asyncio.sleep(0.25 * attempt)
 
-        @api.get("/healthz")
-        async def healthz(self) -> dict[str, Any]:
-            return {"status": "ok", "models": len(self.registry.names())}
+        async def _request(self, request: Request, features: bool) -> dict[str, Any]:
+            """What the predictor needs: the raw JSON body, or the upload's bytes and form fields."""
+            stream = NDJSON in request.headers.get("accept", "")
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith("application/json"):
+                return {"kind": "json", "body": await request.body(), "features": features, "stream": stream}
+            if ctype.startswith("multipart/form-data"):
+                form = await request.form(max_files=1, max_fields=8)
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise RequestError(422, "multipart field 'file' (an .h5ad) is required")
+                model = form.get("model")
+                if not isinstance(model, str) or not model:
+                    raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
+                return {"kind": "h5ad", "data": await upload.read(), "filename": upload.filename or "upload",
+                        "model": model, "embedding_2d": _bool_field(form.get("embedding_2d"), "embedding_2d"),
+                        "features": features, "stream": stream}
+            raise RequestError(415, "send multipart/form-data (fields model, file) or application/json cells")
+
+        async def _serve(self, request: Request, features: bool) -> Response:
+            req = await self._request(request, features)
+            first, gen = await self._call(req, req["stream"])
+            if first["status"] != 200:
+                raise RequestError(int(first["status"]), first["error"])
+            if not req["stream"]:
+                return Response(first["body"], media_type="application/json")
+
+            async def rest() -> AsyncIterator[bytes]:
+                async for chunk in gen:
+                    yield chunk
+
+            return StreamingResponse(rest(), media_type=NDJSON)
+
+        @api.get("/readyz", responses={503: {"description": "not ready: why, in 'detail'"}})
+        async def readyz(self) -> dict[str, Any]:
+            """Ready to serve: not draining, every deployment of the app HEALTHY, the default model loadable."""
+            if RUNTIME.draining:
+                raise RequestError(503, "shutting down", retry_after=5)
+            problems: list[str] = []
+            try:
+                status = await asyncio.to_thread(serve.status)
+                app = status.applications[self.app_name]
+                deployments = {n: str(d.status.value if hasattr(d.status, "value") else d.status)
+                               for n, d in app.deployments.items()}
+                problems += [f"deployment {n} is {s}" for n, s in deployments.items() if s != "HEALTHY"]
+            except Exception as err:  # the controller is restarting
+                deployments = {}
+                problems.append(f"the Serve controller did not answer ({type(err).__name__})")
+            default = cfg.default_model or next(iter(await asyncio.to_thread(self.registry.names)), None)
+            if default is None:
+                problems.append("the registry holds no model")
+            else:
+                try:
+                    why = await asyncio.wait_for(self.predictor.ready.remote(default), timeout=20)
+                except Exception as err:
+                    why = f"no predictor answered ({type(err).__name__})"
+                if why:
+                    problems.append(f"default model {default!r}: {why}")
+            if problems:
+                raise RequestError(503, "not ready: " + "; ".join(problems), retry_after=5)
+            return {"status": "ready", "default_model": default, "deployments": deployments}
 
         @api.get("/v1/models", dependencies=[Depends(check_key)])
         async def models(self) -> dict[str, Any]:
             """Registry models (``models``) and, OpenAI-style, the served LLMs (``object``, ``data``)."""
             out = []
-            for info in self.registry.list():
+            for info in await asyncio.to_thread(self.registry.list):
                 out.append({k: info.get(k) for k in ("name", "version", "kind", "model", "head", "random_weights",
                                                      "metrics", "cv_metrics", "created", "training_data")})
             llms = await self.llm_model_list() if bases else []
             return {"models": out, "object": "list", "data": llms}
 
-        async def _cells(self, request: Request) -> tuple[str, bool, list[str], Any, Any, int, bool]:
-            ctype = request.headers.get("content-type", "")
-            if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-                form = await request.form()
-                model = form.get("model")
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
-                    raise RequestError(422, "multipart field 'file' (an .h5ad) is required")
-                data = await upload.read()
-                ids, csr, genes, dropped = await asyncio.to_thread(cells_from_h5ad, data, upload.filename or "upload")
-                want_2d = str(form.get("embedding_2d", "false")).lower() in ("1", "true", "yes")
-                if len(ids) > cfg.max_cells:
-                    raise RequestError(413, f"{len(ids)} cells in one request; at most {cfg.max_cells}")
-                return str(model or ""), False, ids, csr, genes, dropped, want_2d
-            if ctype.startswith("application/json"):
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise RequestError(422, "the body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise RequestError(422, "the JSON body must be an object with 'model' and 'cells'")
-                ids, csr, genes = cells_from_json(body, cfg.max_cells)
-                return (str(body.get("model") or ""), bool(body.get("ignore_unknown_genes", False)), ids, csr, genes,
-                        0, bool(body.get("embedding_2d", False)))
-            raise RequestError(415, "send multipart/form-data (fields model, file) or application/json cells")
+        @api.post("/v1/predict", dependencies=[Depends(check_key)], openapi_extra=body_doc,
+                  response_class=Response, responses=answers_doc)
+        async def predict(self, request: Request) -> Response:
+            """Per-cell p_sensitive and label, and a summary. JSON: ``PredictRequest``; multipart: ``model``,
+            ``file`` (.h5ad), optional ``embedding_2d=true``."""
+            return await self._serve(request, features=False)
 
-        async def _run(self, request: Request, features: bool) -> tuple[dict[str, Any], list[str], Any, Any, bool]:
-            model_ref, lenient, ids, csr, genes, dropped, want_2d = await self._cells(request)
-            path, info = self._model(model_ref)
-            from scdrugmap_ray.engine.registry import gene_overlap
-
-            symbols = genes["symbol"].astype(str).tolist()
-            known, unknown = gene_overlap(symbols, self._vocabulary(path))
-            if known == 0:
-                raise RequestError(422, f"none of the request's {len(symbols)} genes is in model {info['name']!r}'s "
-                                        f"gene list (e.g. {', '.join(self._vocabulary(path)[:3])}); check the gene "
-                                        "names (symbols or Ensembl IDs)")
-            json_request = request.headers.get("content-type", "").startswith("application/json")
-            if unknown and json_request and not lenient:
-                raise RequestError(422, f"{len(unknown)} gene(s) unknown to model {info['name']!r}: "
-                                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; remove them "
-                                        "or send \"ignore_unknown_genes\": true")
-            if len(ids) == 0:
-                raise RequestError(422, "the upload holds no cell with any expression")
-            ref = f"{info['name']}@{info['version']}"
-            res = await self.predictor.options(multiplexed_model_id=ref).predict.remote(
-                {"model": ref, "cell_ids": ids, "csr": csr, "genes": genes, "features": features or want_2d})
-            if "error" in res:
-                raise RequestError(int(res["status"]), res["error"])
-            meta = {"model": info["name"], "version": info["version"], "kind": info["kind"],
-                    "base_model": info["model"], "random_weights": bool(info.get("random_weights")),
-                    "genes_in_request": len(symbols), "genes_known_to_model": known,
-                    "n_cells_skipped_empty": dropped}
-            return meta, ids, res["p"], res["features"], want_2d
-
-        @api.post("/v1/predict", dependencies=[Depends(check_key)])
-        async def predict(self, request: Request) -> dict[str, Any]:
-            """Per-cell p_sensitive and label, and a summary. Multipart: ``model``, ``file`` (.h5ad),
-            optional ``embedding_2d=true``. JSON: ``{"model", "cells": [{"cell_id", "expression": {gene:
-            value}}], "ignore_unknown_genes": false, "embedding_2d": false}``."""
-            from scdrugmap_ray.engine.registry import label_of, summarize
-
-            meta, ids, p, feats, want_2d = await self._run(request, features=False)
-            labels = label_of(p)
-            cells = [{"cell_id": c, "p_sensitive": round(float(v), 6), "label": lab}
-                     for c, v, lab in zip(ids, p, labels, strict=True)]
-            out = {**meta, "summary": summarize(p), "cells": cells}
-            if want_2d and feats is not None:
-                out["embedding_2d"] = await asyncio.to_thread(embedding_2d, feats)
-            return out
-
-        @api.post("/v1/embed", dependencies=[Depends(check_key)])
-        async def embed(self, request: Request) -> dict[str, Any]:
+        @api.post("/v1/embed", dependencies=[Depends(check_key)], openapi_extra=body_doc,
+                  response_class=Response, responses=answers_doc)
+        async def embed(self, request: Request) -> Response:
             """Per-cell embeddings (the features the model's head reads), same inputs as /v1/predict."""
-            meta, ids, _, feats, _ = await self._run(request, features=True)
-            return {**meta, "dim": int(feats.shape[1]) if feats is not None and feats.ndim == 2 else 0,
-                    "cells": [{"cell_id": c, "embedding": np.round(f, 6).tolist()}
-                              for c, f in zip(ids, feats, strict=True)]}
+            return await self._serve(request, features=True)
 
         @api.post("/v1/llm/embed-cells", dependencies=[Depends(check_key)])
         async def embed_cells(self, request: Request) -> dict[str, Any]:
@@ -376,48 +859,90 @@ def build_app(cfg: ServeConfig) -> Any:
                 raise RequestError(404, "no LLM is served: start the server with --llm MODEL_DIR")
             from scdrugmap_ray.engine.llm.sentence import DEFAULT_TOP_K
 
-            top_k = DEFAULT_TOP_K
-            if request.headers.get("content-type", "").startswith("application/json"):
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise RequestError(422, "the body is not valid JSON") from None
-                top_k = body.get("top_k", DEFAULT_TOP_K) if isinstance(body, dict) else DEFAULT_TOP_K
+            req = await self._request(request, features=True)
+            top_k: Any = DEFAULT_TOP_K
+            if req["kind"] == "json":
+                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells, ("top_k",))
+                model_ref, ids, csr, genes = cells.model, cells.ids, cells.csr, cells.genes
+                top_k = cells.extra.get("top_k", DEFAULT_TOP_K)
             else:
                 form = await request.form()
-                top_k = form.get("top_k") or DEFAULT_TOP_K  # type: ignore[assignment]
-            try:
+                top_k = form.get("top_k") or DEFAULT_TOP_K
+                ids, csr, genes, _ = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
+                model_ref = req["model"]
+            if isinstance(top_k, str) and top_k.isdigit():
                 top_k = int(top_k)
-            except (ValueError, TypeError):
-                top_k = 0
-            if top_k < 1:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise RequestError(422, "'top_k' must be a positive integer")
-            model_ref, _, ids, csr, genes, _, _ = await self._cells(request)
             return await llm_mod.embed_cells(self, str(cfg.llm), model_ref or None, ids, csr, genes, top_k)
 
         @api.get("/", response_class=HTMLResponse, include_in_schema=False)
         async def page(self) -> HTMLResponse:
             return HTMLResponse(_static("index.html"))
 
+        @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+        async def docs(self) -> HTMLResponse:
+            if not cfg.docs:
+                raise RequestError(404, "the API docs are off on this server (serve --docs turns them on); "
+                                        "the schema is at /openapi.json")
+            return HTMLResponse(_static("docs.html"))
+
         @api.get("/static/{name}", include_in_schema=False)
         async def static(self, name: str) -> Response:
-            types = {"app.js": "text/javascript", "style.css": "text/css"}
-            if name not in types:  # a fixed list: a request never names a file path
+            if name not in STATIC:  # a fixed list: a request never names a file path
                 raise RequestError(404, "not found")
-            return Response(_static(name), media_type=types[name])
+            return Response(await asyncio.to_thread(_static_bytes, name), media_type=STATIC[name],
+                            headers={"Cache-Control": "max-age=3600"})
 
+    _document_bodies(api)
     if bases:
         ingress_cls = llm_mod.mount(Ingress, api, [Depends(check_key)])
         deployments, cards = llm_mod.bind_llm(cfg)
     else:
         ingress_cls, deployments, cards = serve.ingress(api)(Ingress), None, None
+    # the ingress does no CPU work: many requests may be open on it (its Guard sheds model requests above
+    # ``ingress_admit``), and the proxy's queue in front of it is bounded too (503 + Retry-After)
     ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
-                               max_ongoing_requests=256)(ingress_cls)
+                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=1000,
+                               max_queued_requests=200, backpressure_config=shed,
+                               graceful_shutdown_timeout_s=cfg.drain_grace_s, health_check_period_s=2.0)(ingress_cls)
     return ingress.bind(Predictor.bind(cfg.registry), deployments, cards)
+
+
+def _document_bodies(api: FastAPI) -> None:
+    """/openapi.json with the request-body models (the routes read their bodies themselves, off the loop)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                                 routes=api.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in (PredictRequest, PredictUpload):
+                s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[m.__name__] = s
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+#: files of the page and of /docs: name -> media type (a fixed list, never a path from a request)
+STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.js": "text/javascript",
+          "swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}
 
 
 def _static(name: str) -> str:
     return files("scdrugmap_ray.serve").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def _static_bytes(name: str) -> bytes:
+    if name.startswith("swagger-ui"):
+        from swagger_ui_bundle import swagger_ui_path
+
+        return (Path(swagger_ui_path) / name).read_bytes()
+    return files("scdrugmap_ray.serve").joinpath("static", name).read_bytes()
 
 
 class BodyLimit:
@@ -457,10 +982,12 @@ class BodyLimit:
             await _send_json(send, err.status, err.message)
 
 
-async def _send_json(send: Any, status: int, message: str) -> None:
-    body = json.dumps({"detail": message}).encode()
+async def _send_json(send: Any, status: int, message: str | None, body_obj: dict[str, Any] | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(body_obj if body_obj is not None else {"detail": message}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -470,6 +997,10 @@ def run_app(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blockin
     application on the same proxy needs its own ``name`` and ``route_prefix``."""
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    # the proxy's end-to-end timeout: later than the ingress's own deadline, so a client normally gets our 503
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s + 10})
     log.info("serve config: %s", {k: v for k, v in asdict(cfg).items() if k != "api_key"})
+    _clear_drain(name)
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)
+
+

@@ -1,12 +1,24 @@
 // The web page: upload an .h5ad, pick a model, show the prediction. Plain JS, inline SVG, no CDN.
+// Layout: shared helpers (api, svg, csv) first, then one block per tab (predict), then start-up; a new tab
+// adds its own block and registers with TABS.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const SVGNS = "http://www.w3.org/2000/svg";
+const KEY_STORE = "scdrugmap-api-key"; // sessionStorage only: the key is gone when the tab closes
 let lastResult = null;
 
+// ------------------------------------------------------------------------------------------ api
+function apiKey() {
+  return $("api-key").value || sessionStorage.getItem(KEY_STORE) || "";
+}
+
 function headers() {
-  const key = $("api-key").value || localStorage.getItem("scdrugmap-api-key") || "";
+  const key = apiKey();
   return key ? { "X-API-Key": key } : {};
+}
+
+function rememberKey() {
+  if ($("api-key").value) sessionStorage.setItem(KEY_STORE, $("api-key").value);
 }
 
 function setStatus(text, isError) {
@@ -108,16 +120,23 @@ function show(res) {
   $("result").hidden = false;
 }
 
+// ------------------------------------------------------------------------------------------ csv
+// A cell starting with = + - @ (or tab / CR) is a formula to a spreadsheet: prefix it with ' so it stays text.
 function csvField(v) {
-  const s = String(v);
-  return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+  let s = String(v);
+  if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;
+  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+function csvText(cells) {
+  const lines = ["cell_id,p_sensitive,label"];
+  for (const c of cells) lines.push([c.cell_id, c.p_sensitive, c.label].map(csvField).join(","));
+  return lines.join("\n") + "\n";
 }
 
 function downloadCsv() {
   if (!lastResult) return;
-  const lines = ["cell_id,p_sensitive,label"];
-  for (const c of lastResult.cells) lines.push([c.cell_id, c.p_sensitive, c.label].map(csvField).join(","));
-  const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
+  const blob = new Blob([csvText(lastResult.cells)], { type: "text/csv" });
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
   a.download = `predictions-${lastResult.model}-${lastResult.version}.csv`;
@@ -130,7 +149,7 @@ async function submit(ev) {
   ev.preventDefault();
   const file = $("file").files[0];
   if (!file) { setStatus("choose an .h5ad file", true); return; }
-  if ($("api-key").value) localStorage.setItem("scdrugmap-api-key", $("api-key").value);
+  rememberKey();
   const form = new FormData();
   form.append("model", $("model").value);
   form.append("file", file);
@@ -150,7 +169,13 @@ async function submit(ev) {
   }
 }
 
-$("predict-form").addEventListener("submit", submit);
-$("download").addEventListener("click", downloadCsv);
-$("api-key").addEventListener("change", loadModels);
-loadModels();
+// ------------------------------------------------------------------------------------------ start-up
+// Each tab: { init() wires its elements, onKey() reacts to a new API key }. The explorer adds its own.
+const TABS = [{ init() {
+  $("predict-form").addEventListener("submit", submit);
+  $("download").addEventListener("click", downloadCsv);
+}, onKey: loadModels }];
+
+$("api-key").addEventListener("change", () => { rememberKey(); for (const t of TABS) t.onKey(); });
+for (const t of TABS) t.init();
+for (const t of TABS) t.onKey();
