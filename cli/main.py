@@ -85,6 +85,11 @@ ObsMap = Annotated[
     list[str] | None,
     typer.Option(help="COLUMN=OBS_COLUMN for cancer_type, tissue, therapy or regimen (repeatable)."),
 ]
+Catalog = Annotated[
+    str | None,
+    typer.Option(help="Fill cancer_type, tissue, therapy, regimen from the scDrugMap catalog: the dataset column "
+                 "holds DataN ids or GEO names of this collection (primary or external; `datasets list`)."),
+]
 
 
 def _convert_options(
@@ -97,6 +102,7 @@ def _convert_options(
     layer: str | None,
     gene_key: str | None,
     obs_map: list[str] | None,
+    catalog: str | None = None,
 ) -> Any:
     from scdrugmap_ray.engine.data.convert import ConvertOptions
     from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
@@ -111,6 +117,8 @@ def _convert_options(
         mapping[key] = col
     if dataset_key and dataset:
         raise UserError("give either --dataset-key (an obs column) or --dataset (one name), not both")
+    if catalog not in (None, "primary", "external"):
+        raise UserError(f"--catalog {catalog!r}: expected primary or external")
     return ConvertOptions(
         label_key=label_key,
         sensitive=tuple(sensitive or ()),
@@ -121,6 +129,7 @@ def _convert_options(
         layer=layer,
         gene_key=gene_key,
         obs_map=mapping,
+        catalog=catalog,
     )
 
 
@@ -137,6 +146,7 @@ def convert(
     layer: Layer = None,
     gene_key: GeneKey = None,
     obs_map: ObsMap = None,
+    catalog: Catalog = None,
     chunk_size: Annotated[int, typer.Option(help="Cells read per chunk (bounds memory).")] = 10000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
@@ -146,7 +156,7 @@ def convert(
     from scdrugmap_ray.engine.data.convert import convert_h5ad
 
     opts = _convert_options(
-        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map
+        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map, catalog
     )
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
@@ -168,12 +178,13 @@ def validate(
     layer: Layer = None,
     gene_key: GeneKey = None,
     obs_map: ObsMap = None,
+    catalog: Catalog = None,
 ) -> None:
     """Report what convert would do with an .h5ad, writing nothing."""
     from scdrugmap_ray.engine.data.convert import inspect_h5ad
 
     opts = _convert_options(
-        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map
+        label_key, sensitive, resistant, dataset_key, dataset, sample_key, layer, gene_key, obs_map, catalog
     )
     for line in inspect_h5ad(input, opts).lines():
         _say(line)
@@ -473,6 +484,7 @@ def finetune(
     """Fine-tune a foundation model with LoRA + a classifier head on all labelled cells of a store."""
     from scdrugmap_ray.engine.data.splits import train_val_split
     from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.train.lora import LabelledCells
     from scdrugmap_ray.engine.train.lora import finetune as run_finetune
 
     fm = _foundation_model(model, checkpoint, preset)
@@ -482,15 +494,11 @@ def finetune(
         seed=seed,
     )
     cells = CellStore.open(store)
-    obs = cells.obs()
+    obs = cells.obs(["cell_id", "label", "dataset", "sample"])
     train_rows, val_rows = train_val_split(obs, val_fraction, seed)
     labels = obs["label"].to_numpy()
-    ids = obs["cell_id"].astype(str).to_numpy()
-    res = run_finetune(
-        fm, cells,
-        {ids[i]: int(labels[i]) for i in train_rows}, {ids[i]: int(labels[i]) for i in val_rows},
-        out, settings,
-    )
+    res = run_finetune(fm, cells, LabelledCells(train_rows, labels[train_rows]),
+                       LabelledCells(val_rows, labels[val_rows]), out, settings)
     m = res.metrics
     _say(f"trained {m['epochs_run']} epochs (best {m['best_epoch']}, validation loss {m['best_val_loss']:.4f}); "
          f"model in {res.model_dir}")
@@ -532,6 +540,13 @@ from .llm import register as _register_llm  # noqa: E402
 
 _register_llm(app, bench_app)
 
+# The scDrugMap collection's catalog (cli/datasets.py) and the benchmark planner with its cost estimate (cli/plan.py).
+from .datasets import register as _register_datasets  # noqa: E402
+
+_register_datasets(app)
+from .plan import register as _register_plan  # noqa: E402
+
+_register_plan(app)
 
 if __name__ == "__main__":
     app()

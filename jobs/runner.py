@@ -86,6 +86,7 @@ def prepare_store(d: DataSpec, cache: Path, progress: bool = True) -> CellStore:
         layer=d.layer,
         gene_key=d.gene_key,
         obs_map=dict(d.obs_map),
+        catalog=d.catalog_collection,
     )
     return ensure_store(src, opts, cache / "stores")
 

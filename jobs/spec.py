@@ -48,6 +48,13 @@ class DataSpec(_Strict):
     layer: str | None = None
     gene_key: str | None = None
     obs_map: dict[str, str] = {}
+    # fill cancer_type/tissue/therapy/regimen from the scDrugMap catalog (the dataset column holds DataN ids
+    # or GEO names); true = the primary collection, "external": bare DataN ids are external datasets
+    catalog: bool | Literal["primary", "external"] = False
+
+    @property
+    def catalog_collection(self) -> str | None:
+        return ("primary" if self.catalog is True else self.catalog) or None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

@@ -56,6 +56,9 @@ class ConvertOptions:
     layer: str | None = None
     gene_key: str | None = None
     obs_map: dict[str, str] = field(default_factory=dict)
+    # "primary" / "external": fill cancer_type, tissue, therapy, regimen from the scDrugMap catalog entry
+    # the dataset column names (bare DataN ids are datasets of that collection)
+    catalog: str | None = None
     chunk_size: int = 10_000
     shard_cells: int = 50_000
     row_group_cells: int = 4096
@@ -65,6 +68,8 @@ class ConvertOptions:
         d = asdict(self)
         for k in ("chunk_size", "shard_cells", "row_group_cells"):
             d.pop(k)
+        if d["catalog"] is None:  # the option changes nothing, so it leaves the cache key as it was
+            d.pop("catalog")
         return d
 
 
@@ -84,6 +89,7 @@ class ConvertReport:
     obs_columns: dict[str, str] = field(default_factory=dict)
     obsm_keys: list[str] = field(default_factory=list)
     gene_id_type: str = "symbol"
+    catalog: list[str] = field(default_factory=list)  # what catalog annotation did (lines)
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -110,6 +116,7 @@ class ConvertReport:
         used = ", ".join(f"{k}<-{v}" for k, v in self.obs_columns.items())
         out.append(f"metadata columns: {used or 'none'}")
         out.append(f"obsm embeddings: {', '.join(self.obsm_keys) or 'none'}")
+        out.extend(self.catalog)
         out.extend(f"warning: {w}" for w in self.warnings)
         return out
 
@@ -331,6 +338,13 @@ def _plan(h: _H5ad, opts: ConvertOptions) -> _Plan:
     unknown_map = set(opts.obs_map) - set(METADATA_COLUMNS[2:])
     if unknown_map:
         raise UserError(f"--obs-map {sorted(unknown_map)}: only {', '.join(METADATA_COLUMNS[2:])} can be mapped")
+    if opts.catalog:
+        from .catalog import ANNOTATED, annotate_columns
+
+        ann = annotate_columns(columns["dataset"], columns, opts.catalog, len(obs))
+        report.catalog = ann.lines()
+        for col in ANNOTATED:
+            report.obs_columns[col] = f"{report.obs_columns[col]}+catalog" if col in report.obs_columns else "catalog"
     genes, kind, gene_warnings = _gene_table(h, opts.gene_key)
     report.n_genes, report.gene_id_type = len(genes), kind
     report.warnings.extend(gene_warnings)
