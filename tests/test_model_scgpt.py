@@ -12,6 +12,7 @@ import math
 import pathlib
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from scdrugmap_ray.engine.models.scgpt import (
     ScGPTEncoder,
     ScGPTModel,
     bin_values,
+    cell_rng,
     config_from_args,
     official_encoder_shapes,
     official_shapes,
@@ -546,3 +548,108 @@ def test_bf16_module(tiny: tuple, real: dict) -> None:
         b = model.embed(half, model.collate(out))
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.99
+
+
+# ------------------------------------------------------------------------------------------- upstream parity
+
+
+def _upstream_scgpt(draws: list[np.random.Generator]) -> SimpleNamespace:
+    """scGPT 0.2.4's OWN code from the installed wheel (``pip install --no-deps scgpt==0.2.4``; make install
+    does it): ``scgpt/model/model.py`` imported as a module, and ``binning`` / ``_digitize``
+    (``scgpt/preprocess.py``), ``DataCollator`` (``scgpt/data_collator.py``) and ``load_pretrained``
+    (``scgpt/utils/util.py``) run from their source. The package's ``__init__`` and those modules' other
+    imports (torchtext, scanpy, scvi-tools, cell-gears, IPython) cannot be installed beside torch 2.13, so
+    bare parent packages stand in for ``scgpt`` and only the named definitions are executed. ``np.random.rand``
+    (``_digitize``'s tie draws, one call per cell) hands out each cell's own generator in turn, so the
+    original's random choices are the ones this package makes."""
+    import ast
+    import dataclasses
+    import importlib
+    import importlib.metadata
+    import importlib.util
+    import logging
+    import sys
+    import types
+    import typing
+
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("scgpt 0.2.4 is not installed: pip install --no-deps scgpt==0.2.4 (make install does it)")
+    assert importlib.metadata.version("scgpt") == "0.2.4"
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for name, path in (("_scgpt_upstream", root), ("_scgpt_upstream.model", root / "model")):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(path)]
+            sys.modules[name] = pkg
+    model_module = importlib.import_module("_scgpt_upstream.model.model")
+
+    queue = iter(draws)
+    proxy = types.ModuleType("numpy_with_cell_draws")
+    proxy.__dict__["__getattr__"] = lambda name: getattr(np, name)
+    proxy.random = SimpleNamespace(rand=lambda n: next(queue).random(n))  # type: ignore[attr-defined]
+    ns: dict = {"np": proxy, "torch": torch, "logger": logging.getLogger("scGPT"), "dataclass": dataclasses.dataclass}
+    ns.update({k: getattr(typing, k) for k in ("Any", "Dict", "List", "Mapping", "Optional", "Tuple", "Union")})
+    for rel, names in (("preprocess.py", {"_digitize", "binning"}), ("data_collator.py", {"DataCollator"}),
+                       ("utils/util.py", {"load_pretrained"})):
+        tree = ast.parse((root / rel).read_text())
+        body = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names]
+        assert {n.name for n in body} == names, rel
+        exec(compile(ast.Module(body=body, type_ignores=[]), str(root / rel), "exec"), ns)
+    return SimpleNamespace(TransformerModel=model_module.TransformerModel, collator=ns["DataCollator"],
+                           load_pretrained=ns["load_pretrained"])
+
+
+def test_parity_with_upstream_scgpt(real: dict, tiny_dir: Path) -> None:
+    """The same random weights (the RELEASED key set, written by init_random) and the same real GSE149383
+    cells through scGPT 0.2.4's own code, as ``scgpt/tasks/cell_emb.py`` ``get_batch_cell_embeddings`` runs
+    it (lines 60-145: <cls> + non-zero vocabulary genes, DataCollator binning with keep_first_n_tokens=1,
+    TransformerModel built as at lines 237-257, ``load_pretrained`` at line 258, ``_encode`` [:, 0], L2
+    norm): identical bins and input ids, embeddings equal to float32 rounding. Cells of 347-1,078 genes:
+    under max_length 1,200 (embed_data's default), so none is subsampled (the original's subsampling draws
+    from torch's global generator, this package's from the cell's own)."""
+    rows = [384, 416, 424, 467, 524, 525]
+    ids, gi, vals = _cells(real, rows)
+    model = get_model("scgpt", {"checkpoint": str(tiny_dir)})
+    tok = model.make_tokenizer(real["genes"])  # type: ignore[attr-defined]
+    ours = tok(ids, gi, vals)
+    cfg, vocab = model.checkpoint_meta()  # type: ignore[attr-defined]
+    up = _upstream_scgpt([cell_rng(str(c)) for c in ids])
+
+    # embed_data: the data's symbols in the vocabulary, each cell's non-zero values, <cls> first
+    examples = []
+    for g, v in zip(gi, vals, strict=True):
+        sym = [real["symbols"][i] for i in g]
+        keep = [i for i, s in enumerate(sym) if s in vocab]
+        genes = np.insert(np.array([vocab[sym[i]] for i in keep]), 0, vocab["<cls>"])
+        values = np.insert(v[keep], 0, cfg.pad_value)
+        examples.append({"genes": torch.from_numpy(genes).long(), "expressions": torch.from_numpy(values).float()})
+    collator = up.collator(do_padding=True, pad_token_id=vocab["<pad>"], pad_value=cfg.pad_value, do_mlm=False,
+                           do_binning=True, max_length=1200, sampling=True, keep_first_n_tokens=1)
+    batch = collator(examples)
+    for i in range(len(rows)):
+        n = len(ours["input_ids"][i])
+        assert batch["gene"][i, :n].tolist() == ours["input_ids"][i].tolist()
+        assert batch["expr"][i, :n].tolist() == ours["values"][i].tolist()  # same bins, tie draws included
+        assert (batch["gene"][i, n:] == vocab["<pad>"]).all()
+
+    args = json.loads((tiny_dir / "args.json").read_text())
+    original = up.TransformerModel(
+        ntoken=len(vocab), d_model=args["embsize"], nhead=args["nheads"], d_hid=args["d_hid"], nlayers=args["nlayers"],
+        nlayers_cls=args["n_layers_cls"], n_cls=1, vocab=vocab, dropout=args["dropout"], pad_token=args["pad_token"],
+        pad_value=args["pad_value"], do_mvc=True, do_dab=False, use_batch_labels=False, domain_spec_batchnorm=False,
+        explicit_zero_prob=False, use_fast_transformer=False, fast_transformer_backend="flash", pre_norm=False,
+    )
+    released = torch.load(tiny_dir / "best_model.pt", weights_only=True)
+    up.load_pretrained(original, released, verbose=False)
+    original.eval()
+    # what the original's non-strict loader did with the released file: every encoder tensor taken over
+    for k, v in model.load().state_dict().items():  # type: ignore[attr-defined]
+        assert torch.equal(original.state_dict()[k.replace("Wqkv.", "in_proj_")], v), k
+    with torch.no_grad():
+        hidden = original._encode(batch["gene"], batch["expr"], src_key_padding_mask=batch["gene"].eq(vocab["<pad>"]))
+    want = hidden[:, 0, :].numpy()
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    with torch.inference_mode():
+        got = model.embed(model.load(), model.collate(ours))  # type: ignore[attr-defined]
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-5)
