@@ -22,7 +22,8 @@ from scdrugmap_ray.engine.models.geneformer import (
     TIED_KEYS,
     GeneformerModel,
     bert_config,
-    expected_shapes,
+    build_encoder,
+    encoder_shapes,
 )
 
 #: rows of the real file used below: long cells (> 2,048 known genes), mid, short, and row 1686 whose only
@@ -283,7 +284,11 @@ def test_real_presets_match_official(shared_dir: Path, preset: str, variant: str
         module = BertForMaskedLM(bert_config(official))
     manifest = json.loads((shared_dir / "assets/manifests/geneformer.json").read_text())
     want = {k: tuple(v) for k, v in manifest["variants"][variant]["state_dict"].items()}
-    assert expected_shapes(module) == want
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == want
+    # what the loader requires: the manifest's bert.* keys; the rest (the MLM head) is skipped
+    with torch.device("meta"):
+        enc = encoder_shapes(build_encoder(official))
+    assert enc == {k: v for k, v in want.items() if k.startswith("bert.")}
 
 
 def test_strict_loading(ckpts: dict[str, Path], tmp_path: Path) -> None:
@@ -301,12 +306,12 @@ def test_strict_loading(ckpts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"missing .*bert\.encoder\.layer\.1\.attention\.self\.key\.weight"):
         _model(variant("missing", dropped)).load()
 
-    extra = {**good, "bert.pooler.dense.weight": torch.zeros(64, 64)}
-    with pytest.raises(UserError, match=r"unexpected .*bert\.pooler\.dense\.weight"):
+    extra = {**good, "bert.encoder.layer.7.output.dense.weight": torch.zeros(64, 64)}  # a layer config.json lacks
+    with pytest.raises(UserError, match=r"unexpected .*bert\.encoder\.layer\.7\.output\.dense\.weight"):
         _model(variant("extra", extra)).load()
 
     reshaped = {**good, "bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(96, 64)}
-    with pytest.raises(UserError, match=r"intermediate\.dense\.weight has shape \[96, 64\]"):
+    with pytest.raises(UserError, match=r"intermediate\.dense\.weight has shape \(96, 64\)"):
         _model(variant("shape", reshaped)).load()
 
     cut = _copy_ckpt(src, tmp_path / "truncated")
@@ -363,3 +368,29 @@ def test_preset_through_cache_and_options(monkeypatch: pytest.MonkeyPatch, tmp_p
     with pytest.raises(UserError, match="no preset"):
         get_model("geneformer", {"preset": "huge"}).checkpoint_dir()
     assert _model(ckpts["tiny"], version="v2").options["version"] == "V2"
+
+
+def test_classifier_checkpoint_loads_and_skips_heads(real: dict, ckpts: dict[str, Path], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A fine-tuned BertForSequenceClassification file (EmbExtractor's "CellClassifier" models: bert.* +
+    pooler + classifier, no MLM head) embeds like the pretrained file it came from; the released MLM head
+    is skipped and named in one log line."""
+    import logging
+
+    src = ckpts["tiny"]
+    state = load_file(str(src / "model.safetensors"))
+    with caplog.at_level(logging.INFO, logger="scdrugmap_ray.engine.models.checkpoint"):
+        a = _model(src)
+        module = a.load()
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "cls.predictions.transform.dense.weight" in lines[0]
+    clf = {k: v for k, v in state.items() if k.startswith("bert.")}
+    clf |= {"bert.pooler.dense.weight": torch.zeros(64, 64), "bert.pooler.dense.bias": torch.zeros(64),
+            "classifier.weight": torch.zeros(3, 64), "classifier.bias": torch.zeros(3)}
+    d = _copy_ckpt(src, tmp_path / "classifier")
+    save_file(clf, str(d / "model.safetensors"))
+    b = _model(d)
+    cells = _tokens(real, a, [181, 1209])
+    with torch.inference_mode():
+        want = a.embed(module, a.collate({"input_ids": cells}))
+        assert torch.equal(b.embed(b.load(), b.collate({"input_ids": cells})), want)

@@ -334,9 +334,16 @@ def test_real_preset_needs_the_real_tokenizer(tmp_path: Path) -> None:
         TgptModel.init_random(tmp_path / "bad", "tiny", {"tokenizer_dir": str(tmp_path)})
 
 
-def test_strict_loading(ckpt: Path, tmp_path: Path) -> None:
+def test_strict_loading(ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     good = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    assert _model(ckpt).load() is not None
+    with caplog.at_level(logging.INFO, logger="scdrugmap_ray.engine.models.checkpoint"):
+        assert _model(ckpt).load() is not None
+    # the released layout's tied LM head and legacy buffers: skipped and named in one log line (issue 15)
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 5 tensor(s)" in lines[0]
+    assert "lm_head.weight" in lines[0] and "transformer.h.*.attn.masked_bias (x2)" in lines[0]
 
     def variant(name: str, state: dict) -> Path:
         d = _copy_ckpt(ckpt, tmp_path / name)
@@ -353,7 +360,7 @@ def test_strict_loading(ckpt: Path, tmp_path: Path) -> None:
         _model(variant("extra", extra)).load()
 
     reshaped = {**good, "transformer.h.0.attn.c_attn.weight": torch.zeros(64, 96)}
-    with pytest.raises(UserError, match=r"attn\.c_attn\.weight has shape \[64, 96\]"):
+    with pytest.raises(UserError, match=r"attn\.c_attn\.weight has shape \(64, 96\)"):
         _model(variant("shape", reshaped)).load()
 
     cut = _copy_ckpt(ckpt, tmp_path / "truncated")

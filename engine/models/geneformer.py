@@ -48,12 +48,13 @@ Where it differs, and why:
 * ``emb_layer`` may be any of ``-n_layers .. 0`` (the original allows -1 and 0). ``pooling="auto"`` (the
   default) is what ``EmbExtractor`` does by default: ``emb_mode="cls"`` for V2, switched to ``"cell"``
   (mean over genes) for V1; ``pooling: mean`` gives the mean for V2 too (the default before issue 15).
-* Loading is strict (``from_pretrained`` silently fills missing keys with random values): every key of
-  ``BertForMaskedLM`` must be in the file with its shape. ``cls.predictions.decoder.weight`` /
-  ``.bias`` are tied to ``bert.embeddings.word_embeddings.weight`` / ``cls.predictions.bias``: they may
-  be present (``torch.save`` files) or absent (``save_pretrained`` safetensors files drop them); the
-  legacy buffer ``bert.embeddings.position_ids`` of old (transformers 4.6) files is accepted and
-  ignored.
+* Loading is strict where it matters (``from_pretrained`` silently fills missing keys with random
+  values): every ``bert.*`` key of the encoder (what a cell embedding runs) must be in the file with its
+  shape. What the released ``BertForMaskedLM`` files carry beside it (the MLM head ``cls.predictions.*``,
+  with or without the tied decoder), what fine-tuned ``BertForSequenceClassification`` files carry
+  (``bert.pooler.*``, ``classifier.*``: EmbExtractor's "CellClassifier" models) and the legacy buffers of
+  old (transformers 4.6) files are skipped and named in one log line; any other key is an error. The
+  module loaded is the ``BertModel`` (no pooler).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import read_state_dict
+from .checkpoint import check_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ TIED_KEYS = {
 }
 #: persistent buffers of old transformers versions (the V1 models were saved with 4.6): ignored
 LEGACY_BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+ENCODER_PREFIX = "bert."
+#: what released / fine-tuned Geneformer files carry that a cell embedding never runs: the MLM head
+#: (``cls.predictions.*``, tied decoder included: pretrained BertForMaskedLM files), the pooler and the
+#: classifier (BertForSequenceClassification files, EmbExtractor's model_type "CellClassifier") and legacy
+#: buffers. Skipped and named in one log line (checkpoint.check_state); any other key is an error.
+SKIPPED_KEYS = (r"cls\.", r"bert\.pooler\.", r"classifier\.", *(re.escape(k) + "$" for k in LEGACY_BUFFERS))
 _VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*\d+)\.\d+$")
 
 
@@ -325,43 +332,20 @@ def build_module(cfg: dict[str, Any]) -> Any:
         return BertForMaskedLM(bert_config(cfg))
 
 
-def expected_shapes(module: Any) -> dict[str, tuple[int, ...]]:
-    """Official state-dict keys and shapes of a BertForMaskedLM (tied aliases included)."""
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+def build_encoder(cfg: dict[str, Any]) -> Any:
+    """The BertModel (no pooler) a cell embedding runs: the ``bert.*`` part of every Geneformer file."""
+    import torch
+    from transformers import BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BertModel(bert_config(cfg), add_pooling_layer=False)
 
 
-def _name_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
-    """Strict key/shape check; returns the state dict without tied aliases and legacy buffers."""
-    required = set(shapes) - set(TIED_KEYS)
-    missing = sorted(required - set(state))
-    unexpected = sorted(set(state) - set(shapes) - set(LEGACY_BUFFERS))
-    if missing:
-        raise UserError(
-            f"Geneformer checkpoint {path} is missing {len(missing)} key(s) of BertForMaskedLM: {_name_keys(missing)}; "
-            "the file is incomplete or belongs to another model"
-        )
-    if unexpected:
-        raise UserError(
-            f"Geneformer checkpoint {path} has {len(unexpected)} unexpected key(s): {_name_keys(unexpected)}; "
-            "it is not a Geneformer BertForMaskedLM checkpoint (or not for this config.json)"
-        )
-    for key, tensor in state.items():
-        want = shapes.get(key)
-        got = tuple(tensor.shape)
-        if key in LEGACY_BUFFERS:  # [1, max_position_embeddings]
-            if got[-1:] != shapes["bert.embeddings.position_embeddings.weight"][:1]:
-                raise UserError(f"Geneformer checkpoint {path}: {key} has shape {list(got)}, unlike config.json")
-            continue
-        if want is not None and got != want:
-            raise UserError(
-                f"Geneformer checkpoint {path}: {key} has shape {list(got)} but config.json implies {list(want)}"
-            )
-    return {k: v for k, v in state.items() if k not in TIED_KEYS and k not in LEGACY_BUFFERS}
+def encoder_shapes(encoder: Any) -> dict[str, tuple[int, ...]]:
+    """Official keys (``bert.`` prefix, as in BertForMaskedLM / BertForSequenceClassification files) and
+    shapes of what a cell embedding runs."""
+    return {ENCODER_PREFIX + k: tuple(v.shape) for k, v in encoder.state_dict().items()}
 
 
 def _truncated_bert(bert: Any, n_layers: int) -> Any:
@@ -556,14 +540,10 @@ class GeneformerModel(FoundationModel):
         else:
             raise UserError(self._format_hint(ckpt))
         state = read_state_dict(path)
-        module = build_module(cfg)
-        state = check_state_dict(state, expected_shapes(module), path)
-        result = module.load_state_dict(state, strict=False)
-        left = set(result.missing_keys) - set(TIED_KEYS)
-        if left or result.unexpected_keys:  # check_state_dict should have caught these
-            raise UserError(f"Geneformer checkpoint {path}: keys not placed: {_name_keys(sorted(left))}")
-        # the decoder weight / bias are the same Parameters as the (loaded) embedding / bias
-        assert module.cls.predictions.decoder.weight is module.bert.embeddings.word_embeddings.weight
+        module = build_encoder(cfg)
+        kept = check_state(state, encoder_shapes(module), str(path), f"Geneformer's BERT encoder of its {CONFIG_FILE}",
+                           CONFIG_FILE, skip=SKIPPED_KEYS)
+        module.load_state_dict({k[len(ENCODER_PREFIX):]: v for k, v in kept.items()}, strict=True)
         module.eval()
         return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 

@@ -97,7 +97,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import read_state_dict
+from .checkpoint import check_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -470,56 +470,19 @@ def build_body(cfg: dict[str, Any], device: Any = None) -> Any:
         return GPT2Model._from_config(gpt2_config(cfg), attn_implementation="sdpa")
 
 
-def _name_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], n_positions: int,
-                     path: Path) -> dict[str, Any]:
-    """Strict key/shape check against the GPT-2 body's keys (``shapes``); returns the body's state dict
-    (``transformer.`` prefix removed, tied LM head and legacy buffers dropped)."""
-    prefixed = any(k.startswith(_PREFIX) for k in state)
-    body: dict[str, Any] = {}
-    unexpected: list[str] = []
-    for key, val in state.items():
-        if prefixed and key == _LM_HEAD:
-            want = shapes["wte.weight"]
-            if tuple(val.shape) != want:
-                raise UserError(f"tGPT checkpoint {path}: {key} has shape {list(val.shape)} but expected {list(want)}")
-            continue  # tied to transformer.wte.weight; unused by the embedding
-        if prefixed and not key.startswith(_PREFIX):
-            unexpected.append(key)
-            continue
-        name = key[len(_PREFIX):] if prefixed else key
-        if _LEGACY_BUFFER.match(name):
-            causal = (1, 1, n_positions, n_positions)
-            if (val.dim() != 0) if name.endswith("masked_bias") else (tuple(val.shape) != causal):
-                raise UserError(f"tGPT checkpoint {path}: {key} has shape {list(val.shape)}, unlike config.json")
-            continue
-        if name not in shapes:
-            unexpected.append(key)
-            continue
-        body[name] = val
+def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    """The GPT-2 body's state dict (``transformer.`` prefix removed) through the one loading rule of every
+    model (``checkpoint.check_state``): every body key with its shape; the tied LM head
+    (``lm_head.weight``) and the legacy attention buffers of transformers-4.x files (``h.N.attn.bias`` /
+    ``h.N.attn.masked_bias``) skipped and named in one log line; anything else is an error."""
+    prefixed = any(str(k).startswith(_PREFIX) for k in state)
     prefix = _PREFIX if prefixed else ""
-    missing = sorted(prefix + k for k in set(shapes) - set(body))
-    if missing:
-        raise UserError(
-            f"tGPT checkpoint {path} is missing {len(missing)} key(s) of the GPT-2 model: {_name_keys(missing)}; "
-            "the file is incomplete or belongs to another model"
-        )
-    if unexpected:
-        raise UserError(
-            f"tGPT checkpoint {path} has {len(unexpected)} unexpected key(s): {_name_keys(unexpected)}; it is not a "
-            "tGPT GPT-2 checkpoint (or not for this config.json)"
-        )
-    for name, val in body.items():
-        if tuple(val.shape) != shapes[name]:
-            raise UserError(
-                f"tGPT checkpoint {path}: {prefix}{name} has shape {list(val.shape)} but config.json implies "
-                f"{list(shapes[name])}"
-            )
-    return body
+    expected = {prefix + k: v for k, v in shapes.items()}
+    legacy = re.compile(re.escape(prefix) + _LEGACY_BUFFER.pattern.lstrip("^"))
+    skip = (lambda k: k == _LM_HEAD or bool(legacy.match(k))) if prefixed else (lambda k: bool(legacy.match(k)))
+    kept = check_state(state, expected, f"tGPT checkpoint {path}", "the GPT-2 model of its config.json", "config.json",
+                       skip=skip)
+    return {k[len(prefix):]: v for k, v in kept.items()}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -659,7 +622,7 @@ class TgptModel(FoundationModel):
         state = read_state_dict(path)
         module = build_body(cfg, device="meta")
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        body = check_state_dict(state, shapes, int(cfg["n_positions"]), path)
+        body = check_state_dict(state, shapes, path)
         if any(b.is_meta for b in module.buffers()):
             # non-persistent buffers (some transformers versions keep a causal mask): build for real
             module = build_body(cfg)
