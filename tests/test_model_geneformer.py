@@ -394,3 +394,97 @@ def test_classifier_checkpoint_loads_and_skips_heads(real: dict, ckpts: dict[str
     with torch.inference_mode():
         want = a.embed(module, a.collate({"input_ids": cells}))
         assert torch.equal(b.embed(b.load(), b.collate({"input_ids": cells})), want)
+
+
+# ------------------------------------------------------------------------------------------- upstream parity
+
+
+def _upstream_transcriptome_tokenizer() -> type:
+    """``TranscriptomeTokenizer`` as published in the ``helical`` 2.2.0 wheel
+    (``helical/models/geneformer/geneformer_tokenizer.py``: a copy of ctheodoris/Geneformer's
+    ``geneformer/tokenizer.py``), run from its own source. The module's imports (``datasets``, ``scanpy``)
+    cannot be installed beside torch 2.13 here, and ``geneformer`` itself is not on PyPI, so only
+    ``rank_genes``, ``tokenize_cell``, ``sum_ensembl_ids`` and the class are executed, with ``anndata`` standing
+    in for ``scanpy`` (``sum_ensembl_ids`` calls only ``sc.AnnData`` and ``sc.concat``, which are anndata's).
+    Install: ``pip install --no-deps helical==2.2.0``."""
+    import ast
+    import importlib.metadata
+    import importlib.util
+    import logging
+    import pickle
+    from collections import Counter
+
+    import anndata
+    import scipy.sparse as sp
+    from anndata._core.views import ArrayView
+
+    spec = importlib.util.find_spec("helical")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("helical 2.2.0 is not installed: pip install --no-deps helical==2.2.0 (see pyproject.toml [dev])")
+    assert importlib.metadata.version("helical") == "2.2.0"
+    src = Path(next(iter(spec.submodule_search_locations))) / "models/geneformer/geneformer_tokenizer.py"
+    names = {"rank_genes", "tokenize_cell", "sum_ensembl_ids", "TranscriptomeTokenizer"}
+    tree = ast.parse(src.read_text())
+    body = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names]
+    assert {n.name for n in body} == names
+    ns = {"np": np, "sp": sp, "pd": pd, "pickle": pickle, "Counter": Counter, "sc": anndata, "ArrayView": ArrayView,
+          "LOGGER": logging.getLogger("geneformer"), "tqdm": lambda x: x, "Path": Path,
+          "DEFAULT_GENE_MEDIAN_FILE": None, "DEFAULT_TOKEN_DICTIONARY_FILE": None, "DEFAULT_ENSEMBL_MAPPING_FILE": None}
+    from typing import Literal
+
+    ns["Literal"] = Literal
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(src), "exec"), ns)
+    return ns["TranscriptomeTokenizer"]
+
+
+@pytest.mark.parametrize("version", ["V1", "V2"])
+def test_tokenizer_parity_with_upstream_transcriptome_tokenizer(real: dict, ckpts: dict[str, Path],
+                                                                shared_dir: Path, version: str) -> None:
+    """Real GSE149383 cells through the published ``TranscriptomeTokenizer.tokenize_anndata`` (official
+    gc30M / gc104M pickles, ``n_counts`` = the cell's total, ``var["ensembl_id"]`` = the store's IDs) and
+    ``create_dataset``'s truncation and special tokens (V1: 2,048, none; V2: 4,096 with <cls>/<eos>): the
+    same token ids as this package's tokenizer, cell by cell (genes without an Ensembl ID in the store are
+    left out on both sides: this package names them by symbol, upstream cannot). Upstream ranks with numpy's
+    unstable argsort; ties do not occur among these cells' float64 values, so the orders must be equal."""
+    import anndata
+    import scipy.sparse as sp
+
+    rows = [0, 1, 2, 181, 208, 1209, 1212, 1333]  # long (> 2,048 known genes), mid and short cells
+    ids, gi, vals = _cells(real, rows)
+    genes = real["genes"].copy()
+    known = genes["ensembl_id"].notna().to_numpy()
+    genes.loc[~known, "symbol"] = None  # nameless for this package too
+    model = _model(ckpts["tiny" if version == "V1" else "tiny-v2"], min_coverage=0.0)
+    ours = model.make_tokenizer(genes)(ids, gi, vals)["input_ids"]
+
+    x = real["X"][rows].astype(np.float64)
+    folder = shared_dir / "assets/geneformer" / ("v1_gc30M" if version == "V1" else "v2_gc104M")
+    tag = "gc30M" if version == "V1" else "gc104M"
+    tk = _upstream_transcriptome_tokenizer()(
+        model_input_size=2048 if version == "V1" else 4096, special_token=version == "V2",
+        gene_median_file=folder / f"gene_median_dictionary_{tag}.pkl",
+        token_dictionary_file=folder / f"token_dictionary_{tag}.pkl",
+        gene_mapping_file=folder / f"ensembl_mapping_dict_{tag}.pkl")
+    # The original's sum_ensembl_ids maps var["ensembl_id"] through the mapping dictionary and sums the
+    # columns that land on one ID (here two store genes -> MCL1 for V2); its tokenize_anndata then reads
+    # var["ensembl_id_collapsed"] (ctheodoris/Geneformer geneformer/tokenizer.py). helical 2.2.0's copy reads
+    # var["ensembl_id"] there instead, which drops remapped and collapsed genes, so the test hands it the
+    # mapped, summed columns the original would build: everything after that step is helical's code.
+    mapped = genes.loc[known, "ensembl_id"].str.upper().map(tk.gene_mapping_dict)
+    cols = pd.Series(np.flatnonzero(known))[mapped.notna().to_numpy()]
+    target = mapped.dropna().to_numpy()
+    uniq, inverse = np.unique(target, return_inverse=True)
+    summing = sp.csr_matrix((np.ones(len(cols)), (cols.to_numpy(), inverse)), shape=(x.shape[1], len(uniq)))
+    # float64 counts and totals: this package normalises in float64; upstream computes in the input's dtype,
+    # and with float32 input genes whose normalised values agree to ~1e-7 (e.g. COX6B1 19 / median 5.8832
+    # vs TSR3 6 / median 1.8579 in the first cell) can swap places
+    adata = anndata.AnnData(X=(x @ summing).tocsr(),
+                            obs=pd.DataFrame({"n_counts": np.asarray(x.sum(axis=1)).ravel()}, index=ids),
+                            var=pd.DataFrame({"ensembl_id": uniq}, index=uniq))
+    ranked, _ = tk.tokenize_anndata(adata)
+    for i, cell in enumerate(ranked):
+        if tk.special_token:  # create_dataset: crop with room for <cls> and <eos>
+            want = [tk.gene_token_dict["<cls>"], *cell[: tk.model_input_size - 2], tk.gene_token_dict["<eos>"]]
+        else:
+            want = list(cell[: tk.model_input_size])
+        assert ours[i].tolist() == [int(t) for t in want], f"cell {ids[i]}"

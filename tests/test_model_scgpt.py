@@ -554,8 +554,8 @@ def test_bf16_module(tiny: tuple, real: dict) -> None:
 
 
 def _upstream_scgpt(draws: list[np.random.Generator]) -> SimpleNamespace:
-    """scGPT 0.2.4's OWN code from the installed wheel (``pip install --no-deps scgpt==0.2.4``; make install
-    does it): ``scgpt/model/model.py`` imported as a module, and ``binning`` / ``_digitize``
+    """scGPT 0.2.4's OWN code from the installed wheel (``pip install --no-deps scgpt==0.2.4``, see
+    pyproject.toml's dev extra): ``scgpt/model/model.py`` imported as a module, and ``binning`` / ``_digitize``
     (``scgpt/preprocess.py``), ``DataCollator`` (``scgpt/data_collator.py``) and ``load_pretrained``
     (``scgpt/utils/util.py``) run from their source. The package's ``__init__`` and those modules' other
     imports (torchtext, scanpy, scvi-tools, cell-gears, IPython) cannot be installed beside torch 2.13, so
@@ -574,7 +574,7 @@ def _upstream_scgpt(draws: list[np.random.Generator]) -> SimpleNamespace:
 
     spec = importlib.util.find_spec("scgpt")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("scgpt 0.2.4 is not installed: pip install --no-deps scgpt==0.2.4 (make install does it)")
+        pytest.fail("scgpt 0.2.4 is not installed: pip install --no-deps scgpt==0.2.4 (see pyproject.toml [dev])")
     assert importlib.metadata.version("scgpt") == "0.2.4"
     root = Path(next(iter(spec.submodule_search_locations)))
     for name, path in (("_scgpt_upstream", root), ("_scgpt_upstream.model", root / "model")):
