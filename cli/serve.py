@@ -90,7 +90,11 @@ def predict(
         bool, typer.Option(help="Also write embeddings (obsm['X_scdrugmap'] / embedding column).")
     ] = False,
     address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
-    actors: Annotated[int | None, typer.Option(help="Predictor actors (default: GPUs, or CPUs for baselines).")] = None,
+    actors: Annotated[int | None, typer.Option(min=1, help="Most predictor actors (default: one per GPU, or per "
+                                                "node; CPUs for baselines).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when the cluster has GPUs.")] = None,
+    actor_resource: Annotated[list[str] | None, typer.Option(
+        "--actor-resource", help="A Ray resource every predictor actor needs, NAME=AMOUNT (repeatable).")] = None,
     layer: Annotated[str | None, typer.Option(help="Read this layer of the .h5ad instead of X.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     submit: Annotated[bool, typer.Option("--submit", help="Run as a Ray job on the cluster whose dashboard is "
@@ -114,7 +118,10 @@ def predict(
     store = ensure_store(data, ConvertOptions(layer=layer), cache_root() / "stores")
     source = data if data.is_file() else Path(str(store.meta.get("source", "")))
     _init_ray(address)
-    stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors)
+    from scdrugmap_ray.engine.runtime import parse_resources
+
+    stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors,
+                          device=device, actor_resources=parse_resources(actor_resource))
     info = json.loads((version_dir / "model.json").read_text())
     if info.get("random_weights"):
         _say("WARNING: RANDOM WEIGHTS (not pretrained): predictions mean nothing")
@@ -135,9 +142,15 @@ def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, em
         raise UserError("--submit needs --address http://HEAD:8265 (the cluster's dashboard)")
     parse_ref(model)
     reg = Registry(registry).root
+    from scdrugmap_ray.engine.storage import shareable
+
     for what, path in (("DATA", data), ("--out", out), ("--registry", reg)):
-        if not Path(path).is_absolute():
-            raise UserError(f"{what} {path} is relative; a job on the cluster needs absolute paths on shared storage")
+        shareable(path, what)
+    env = jobs_submit.cluster_env()
+    if "SCDRUGMAP_RAY_CACHE" not in env and data.suffix == ".h5ad":
+        raise UserError("predict --submit of an .h5ad converts it on the cluster: set SCDRUGMAP_RAY_CACHE to a "
+                        "directory every node mounts (or a URI) so the cell store lands there, or convert first and "
+                        "pass the store directory")
     command = ["python", "-m", "scdrugmap_ray.cli.main", "predict", str(data), "--model", model, "--out", str(out),
                "--registry", str(reg)]
     command += ["--embeddings"] if embeddings else []
@@ -148,7 +161,7 @@ def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, em
     with tempfile.TemporaryDirectory(prefix="scdrugmap-submit-") as tmp:
         package = jobs_submit.stage_package(Path(tmp) / "stage")
         return str(jobs_submit._call(address, None, lambda: client.submit_job(
-            entrypoint=shlex.join(command), runtime_env={"py_modules": [str(package)]},
+            entrypoint=shlex.join(command), runtime_env={"py_modules": [str(package)], "env_vars": env},
             metadata={"tool": "scdrugmap-ray", "command": "predict"})))
 
 
@@ -171,9 +184,9 @@ def serve_cmd(
     ingress_replicas: Annotated[int, typer.Option(help="Ingress (HTTP) replicas: two, so one's death leaves "
                                                   "the other serving.")] = 2,
     max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
-                                                      "(0: 2 x --max-batch-size).")] = 0,
+                                                      "(0: --max-batch-size).")] = 0,
     max_queued_requests: Annotated[int, typer.Option(help="Requests queued for the predictors per ingress replica "
-                                                     "(0: 2 x --max-batch-size); more: 503 + Retry-After.")] = 0,
+                                                     "(0: --max-batch-size); more: 503 + Retry-After.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
     rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (token bucket per ingress replica; "

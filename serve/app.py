@@ -82,8 +82,8 @@ class ServeConfig:
     replica_gpus: float = 0.0
     ingress_cpus: float = 0.0
     ingress_replicas: int = 2  # two: one replica's death leaves the other serving
-    max_ongoing_requests: int = 0  # per predictor replica; 0: 2 x max_batch_size
-    max_queued_requests: int = 0  # per caller of the predictor; 0: 2 x max_batch_size
+    max_ongoing_requests: int = 0  # per predictor replica; 0: max_batch_size (one batch runs, the next forms)
+    max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size (one more batch waits)
     request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
     rate_limit: float = 0.0  # requests/s per API key (token bucket, per ingress replica); 0: off
     rate_burst: int = 0  # bucket size; 0: 2 x rate_limit (at least 1)
@@ -99,11 +99,11 @@ class ServeConfig:
 
     @property
     def predictor_ongoing(self) -> int:
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        return self.max_ongoing_requests or self.max_batch_size
 
     @property
     def predictor_queued(self) -> int:
-        return self.max_queued_requests or 2 * self.max_batch_size
+        return self.max_queued_requests or self.max_batch_size
 
     @property
     def ingress_admit(self) -> int:
@@ -710,7 +710,9 @@ def build_app(cfg: ServeConfig) -> Any:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     from . import llm as llm_mod
+    from .explorer import explorer_router
 
+    api.include_router(explorer_router(cfg.registry, Depends(check_key)))  # /v1/explorer: Datasets, Models, Results
     bases: tuple[type, ...] = (llm_mod.ingress_base(),) if cfg.llm else ()
     body_doc = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
@@ -900,11 +902,12 @@ def build_app(cfg: ServeConfig) -> Any:
         deployments, cards = llm_mod.bind_llm(cfg)
     else:
         ingress_cls, deployments, cards = serve.ingress(api)(Ingress), None, None
-    # the ingress does no CPU work: many requests may be open on it (its Guard sheds model requests above
-    # ``ingress_admit``), and the proxy's queue in front of it is bounded too (503 + Retry-After)
+    # Shedding costs least at the proxy (headers only, no body forwarded): the ingress takes a bounded number
+    # of requests (its Guard sheds model requests above ``ingress_admit``, keeping slots for /healthz,
+    # /readyz and the page) and the proxy's queue in front of it is short (then 503 + Retry-After).
     ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
-                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=1000,
-                               max_queued_requests=200, backpressure_config=shed,
+                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_admit + 16,
+                               max_queued_requests=cfg.max_batch_size, backpressure_config=shed,
                                graceful_shutdown_timeout_s=cfg.drain_grace_s, health_check_period_s=2.0)(ingress_cls)
     return ingress.bind(Predictor.bind(cfg.registry), deployments, cards)
 

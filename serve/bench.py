@@ -32,18 +32,33 @@ class LoadResult:
     items: int = 0  # answered
     missing: int = 0  # asked for in a successful request but not in its answer
     error_samples: list[str] = field(default_factory=list)
+    shed: int = 0  # answered 503 or 429 (load shed: the client should retry later)
+    shed_latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count (0: no answer)
+    retry_after_missing: int = 0  # shed answers without a Retry-After header
 
     @property
     def ok(self) -> int:
         return len(self.latencies)
 
+    @property
+    def answered(self) -> int:
+        return self.ok + self.shed + self.errors
+
+    def p(self, q: float, shed: bool = False) -> float:
+        """Latency percentile in ms (accepted requests, or the shed ones)."""
+        lat = self.shed_latencies if shed else self.latencies
+        return float(np.percentile(np.asarray(lat) * 1000, q)) if lat else 0.0
+
     def line(self) -> str:
-        lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
         per_s = 1 / self.seconds if self.seconds else 0.0
         out = (f"{self.label} clients={self.clients} requests={self.requests} ok={self.ok} errors={self.errors} "
                f"not_sent={self.not_sent} {self.unit}_missing={self.missing} seconds={self.seconds:.1f} "
                f"requests_per_s={self.ok * per_s:.1f} {self.unit}_per_s={self.items * per_s:.0f} "
-               f"p50_ms={np.percentile(lat, 50):.1f} p99_ms={np.percentile(lat, 99):.1f}")
+               f"p50_ms={self.p(50):.1f} p99_ms={self.p(99):.1f}")
+        if self.shed:
+            out += (f" shed={self.shed} shed_fraction={self.shed / max(self.requests, 1):.3f} "
+                    f"shed_p99_ms={self.p(99, True):.1f} shed_max_ms={max(self.shed_latencies) * 1000:.1f}")
         if self.error_samples:
             out += f" first_error={self.error_samples[0]!r}"
         return out
@@ -71,10 +86,11 @@ def request_bodies(h5ad: Path, model: str, n: int, cells_per_request: int) -> li
 
 def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[[dict[str, Any], Any], tuple[int, int]],
           *, clients: int, timeout_s: float, headers: dict[str, str] | None = None, label: str = "load",
-          unit: str = "cells") -> LoadResult:
+          unit: str = "cells", shed_ok: bool = False) -> LoadResult:
     """POST every body once to ``url + path`` from ``clients`` threads, each with its own connection, until
     the deadline (bodies left then are counted as not sent). ``answered(body, response JSON)`` gives the
-    (answered, missing) items of a successful request; any other outcome is an error."""
+    (answered, missing) items of a successful request; a 503/429 is counted as shed with ``shed_ok``; any
+    other outcome is an error."""
     import httpx
 
     res = LoadResult(label, clients, len(bodies), unit=unit)
@@ -97,6 +113,13 @@ def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[
                 try:
                     r = client.post(path, json=bodies[i])
                     dt = time.perf_counter() - t0
+                    with lock:
+                        res.statuses[r.status_code] = res.statuses.get(r.status_code, 0) + 1
+                    if r.status_code in (503, 429) and shed_ok:
+                        with lock:
+                            res.shed += 1
+                            res.shed_latencies.append(dt)
+                        continue
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
                     got, missing = answered(bodies[i], r.json())
@@ -116,6 +139,80 @@ def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[
             f.result()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[[dict[str, Any], Any],
+              tuple[int, int]], *, rate: float, duration_s: float, timeout_s: float = 30.0,
+              headers: dict[str, str] | None = None, label: str = "open-loop", unit: str = "cells") -> LoadResult:
+    """Open-loop load: requests arrive at ``rate`` per second for ``duration_s`` (cycling through ``bodies``),
+    whatever the server's answers, as clients on the internet do; a shed answer (503/429) is counted with its
+    latency, any other non-200 (or no answer within ``timeout_s``) is an error. Bodies are sent pre-encoded."""
+    import asyncio
+    import json
+
+    import httpx
+
+    n = max(1, int(rate * duration_s))
+    res = LoadResult(label, 0, n, unit=unit)
+    encoded = [json.dumps(b).encode() for b in bodies]
+    hdrs = {"content-type": "application/json", **(headers or {})}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = bodies[i % len(bodies)]
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(path, content=encoded[i % len(encoded)], headers=hdrs)
+            dt = time.perf_counter() - t0
+            res.statuses[r.status_code] = res.statuses.get(r.status_code, 0) + 1
+            if r.status_code in (503, 429):
+                res.shed += 1
+                res.shed_latencies.append(dt)
+                res.retry_after_missing += "retry-after" not in r.headers
+                return
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            got, missing = answered(body, r.json())
+            res.latencies.append(dt)
+            res.items += got
+            res.missing += missing
+        except Exception as err:  # no answer, or a wrong one
+            res.errors += 1
+            if not isinstance(err, RuntimeError):
+                res.statuses[0] = res.statuses.get(0, 0) + 1
+            if len(res.error_samples) < 3:
+                res.error_samples.append(f"{type(err).__name__}: {err}"[:200])
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+            start = time.perf_counter()
+            tasks = []
+            for i in range(n):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(client, i)))
+            await asyncio.gather(*tasks)
+            res.seconds = time.perf_counter() - start
+
+    asyncio.run(run())
+    res.clients = int(rate)
+    return res
+
+
+def server_rss() -> int:
+    """RSS (bytes) of this process's Ray Serve processes (proxy, controller, replicas), for leak checks."""
+    import psutil
+
+    total = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name = proc.name()
+            if name.startswith(("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")):
+                total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def _predicted_cells(body: dict[str, Any], response: Any) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from typing import Any
 
 API_KEY = "test-key-123"
 MAX_UPLOAD = 3_000_000
+MAX_JSON_CELLS = 1000
 _STATE: dict[str, Any] = {}
 
 
@@ -66,8 +67,10 @@ def served() -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="scdrugmap-serve-test-"))
     data = build_registry(root)
     port = free_port()
+    # two predictor and two ingress replicas: the fault tests kill one of each
     cfg = ServeConfig(registry=str(data["registry"]), api_key=API_KEY, max_upload_bytes=MAX_UPLOAD, max_cells=5000,
-                      replica_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.005)
+                      max_json_cells=MAX_JSON_CELLS, replica_cpus=0.5, min_replicas=2, max_replicas=2,
+                      ingress_replicas=2, max_batch_size=8, batch_wait_timeout_s=0.005)
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -79,6 +82,10 @@ def served() -> dict[str, Any]:
             pass
         if time.monotonic() > deadline:
             raise RuntimeError("the Serve app did not come up within 120 s")
+        time.sleep(0.5)
+    while httpx.get(url + "/readyz", timeout=30).status_code != 200:  # both predictors up, model loadable
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Serve app was not ready within 120 s")
         time.sleep(0.5)
     _STATE.update(data, url=url)
     return _STATE

@@ -3,6 +3,7 @@ and multiplexing under concurrent load."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,14 +42,40 @@ def _expected(app: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     return ids, p
 
 
-def test_health_models_docs(client: httpx.Client) -> None:
-    assert client.get("/healthz").json()["status"] == "ok"
+def test_health_ready_models_docs(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["default_model"] == "pca-sim"
+    assert set(ready.json()["deployments"].values()) == {"HEALTHY"}
     r = client.get("/v1/models", headers=H)
     assert r.status_code == 200
     (m,) = r.json()["models"]
     assert (m["name"], m["version"], m["kind"], m["model"]) == ("pca-sim", 1, "frozen", "pca-logreg")
-    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
-    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "/v1/predict" in spec["paths"] and "/readyz" in spec["paths"]
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
+    assert spec["components"]["schemas"]["PredictRequest"]["properties"]["ignore_unknown_genes"]["type"] == "boolean"
+    assert {"APIKeyHeader", "HTTPBearer"} <= set(spec["components"]["securitySchemes"])
+
+
+def test_docs_and_page_offline_with_csp(client: httpx.Client) -> None:
+    import re
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and all(a.startswith("/static/") for a in assets), assets  # nothing from a CDN
+    for a in assets:
+        assert client.get(a).status_code == 200, a
+    page = client.get("/")
+    assert all(a.startswith("/") for a in re.findall(r'(?:src|href)="([^"]+)"', page.text))
+    for r in (page, docs, client.get("/v1/models", headers=H)):
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-eval" not in csp
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
 
 
 def test_api_key_required(client: httpx.Client) -> None:
@@ -90,26 +117,79 @@ def test_predict_json_cells_and_embed(client: httpx.Client, app: dict[str, Any])
     assert r.status_code == 200 and r.json()["dim"] == 8 and len(r.json()["cells"][0]["embedding"]) == 8
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "needle"),
-    [
-        ({"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"NOT_A_GENE": 3}}]}, 422, "none of the"),
-        ({"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"NOT_A_GENE": 3, "@G0": 1}}]}, 422,
-         "none of the"),
-        ({"model": "pca-sim", "cells": []}, 422, "non-empty list"),
-        ({"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"X": -1}}]}, 422, "non-negative"),
-        ({"model": "pca-sim", "cells": [{"cell_id": "a"}]}, 422, "expression"),
-        ({"model": "nope", "cells": [{"cell_id": "a", "expression": {"X": 1}}]}, 404, "no model 'nope'"),
-        ({"model": "pca-sim@7", "cells": [{"cell_id": "a", "expression": {"X": 1}}]}, 404, "no version 7"),
-        ({"model": "../../etc/passwd", "cells": [{"cell_id": "a", "expression": {"X": 1}}]}, 422, "invalid model name"),
-        ({"cells": [{"cell_id": "a", "expression": {"X": 1}}]}, 422, "'model' is required"),
+def _cells(expr: Any) -> list[dict[str, Any]]:
+    return [{"cell_id": "a", "expression": expr}]
+
+
+_DEEP = b'{"model": "pca-sim", "cells": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+MALFORMED: list[tuple[Any, int, str]] = [
+        ({"model": "pca-sim", "cells": _cells({"NOT_A_GENE": 3})}, 422, "none of the"),
+        ({"model": "pca-sim", "cells": _cells({"NOT_A_GENE": 3, "@G0": 1})}, 422, "none of the"),
+        ({"model": "pca-sim", "cells": []}, 422, "at least 1 item"),
+        ({"model": "pca-sim", "cells": _cells({"X": -1})}, 422, "not a number in [0, 2**53)"),
+        ({"model": "pca-sim", "cells": _cells({"X": 2**64})}, 422, "not a number in [0, 2**53)"),  # was a 500
+        ({"model": "pca-sim", "cells": _cells({"X": "3"})}, 422, "expression.X: Input should be a number"),
+        ({"model": "pca-sim", "cells": _cells({"X": True})}, 422, "Input should be a number"),
+        ({"model": "pca-sim", "cells": [{"cell_id": "a"}]}, 422, "cells[0].expression: Field required"),
+        ({"model": "pca-sim", "cells": [{"cell_id": 7, "expression": {"X": 1}}]}, 422, "cells[0].cell_id"),
+        ({"model": "pca-sim", "cells": _cells({"X": 1}), "ignore_unknown_genes": "false"}, 422,
+         "ignore_unknown_genes: Input should be a valid boolean"),  # a string boolean was read as true
+        ({"model": "pca-sim", "cells": _cells({"X": 1}), "embedding_2d": 1}, 422, "embedding_2d"),
+        ({"model": "pca-sim", "cells": _cells({"X": 1}), "cellz": []}, 422, "cellz: Extra inputs are not permitted"),
+        ({"model": "nope", "cells": _cells({"X": 1})}, 404, "no model 'nope'"),
+        ({"model": "pca-sim@7", "cells": _cells({"X": 1})}, 404, "no version 7"),
+        ({"model": "../../etc/passwd", "cells": _cells({"X": 1})}, 422, "invalid model name"),
+        ({"cells": _cells({"X": 1})}, 422, "model: Field required"),
         ([1, 2], 422, "object"),
-    ],
-)
-def test_json_validation_errors(client: httpx.Client, body: Any, status: int, needle: str) -> None:
-    r = client.post("/v1/predict", headers=H, json=body)
-    assert r.status_code == status, r.text
-    assert needle in r.json()["detail"]
+        (b'{"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"G0": 1, "G0": 2}}]}', 422,
+         "'G0' appears twice"),  # the last value was kept silently
+        (b'{"model": "pca-sim", "model": "x", "cells": []}', 422, "'model' appears twice"),
+        (b'{"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"G0": NaN}}]}', 422, "NaN"),
+        (b'{"model": "pca-sim", "cells": [{"cell_id": "a", "expression": {"G0": Infinity}}]}', 422, "Infinity"),
+        (_DEEP, 400, "nested too deeply"),  # was a RecursionError, a plain-text 500
+        (b'{"model": "pca-sim", "cells": [', 400, "not valid JSON"),
+        (b"\xff\xfe\x00", 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), MALFORMED,
+                         ids=[f"{i}-{status}-{needle[:28]}" for i, (_, status, needle) in enumerate(MALFORMED)])
+def test_malformed_json_is_one_line_json_4xx(client: httpx.Client, body: Any, status: int, needle: str) -> None:
+    import json
+
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post("/v1/predict", headers={**H, "content-type": "application/json"}, content=raw)
+    assert r.status_code == status, r.text[:300]
+    assert r.headers["content-type"] == "application/json"
+    assert "\n" not in r.text.strip() and list(r.json()) == ["detail"]
+    assert needle in r.json()["detail"], r.json()["detail"]
+    assert "/tmp" not in r.text and str(Path.home()) not in r.text  # no server path
+    if needle == "no model 'nope'":
+        assert "pca-sim" not in r.json()["detail"]  # models are listed only by the authenticated /v1/models
+
+
+def test_large_answers_stream_as_ndjson(client: httpx.Client, app: dict[str, Any]) -> None:
+    import json
+
+    from serving import MAX_JSON_CELLS
+
+    gene = app["store"].genes["symbol"].iloc[0]
+    n = MAX_JSON_CELLS + 1
+    body = {"model": "pca-sim", "cells": [{"cell_id": f"c{i}", "expression": {gene: i % 7 + 1}} for i in range(n)]}
+    r = client.post("/v1/embed", headers=H, json=body)
+    assert r.status_code == 413 and "application/x-ndjson" in r.json()["detail"]
+    with client.stream("POST", "/v1/embed", headers={**H, "Accept": "application/x-ndjson"}, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    head, rows = lines[0], lines[1:]
+    assert head["model"] == "pca-sim" and head["dim"] == 8 and "cells" not in head
+    assert [c["cell_id"] for c in rows] == [f"c{i}" for i in range(n)] and len(rows[0]["embedding"]) == 8
+    with client.stream("POST", "/v1/predict", headers={**H, "Accept": "application/x-ndjson"}, json=body) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[0]["summary"]["n_cells"] == n and len(lines) == n + 1
+    assert sum(c["label"] == "sensitive" for c in lines[1:]) == lines[0]["summary"]["n_sensitive"]
 
 
 def test_unknown_genes_named_unless_ignored(client: httpx.Client, app: dict[str, Any]) -> None:
@@ -133,10 +213,28 @@ def test_upload_errors(client: httpx.Client, app: dict[str, Any], tmp_path: Any)
     truncated.write_bytes(app["h5ad"].read_bytes()[:5000])
     r = _upload(client, truncated, name="trunc.h5ad")
     assert r.status_code == 422 and "trunc.h5ad" in r.json()["detail"] and "/tmp" not in r.json()["detail"]
-    r = client.post("/v1/predict", headers=H, data={"model": "pca-sim"})
+    r = client.post("/v1/predict", headers=H, data={"model": "pca-sim"}, files={"other": ("a.txt", b"x")})
     assert r.status_code == 422 and "'file'" in r.json()["detail"]
     r = client.post("/v1/predict", headers=H, content=b"text")
     assert r.status_code == 415
+    r = _upload(client, app["h5ad"], embedding_2d="yes")
+    assert r.status_code == 422 and "'true' or 'false'" in r.json()["detail"]
+    r = _upload(client, app["h5ad"], model="nope")
+    assert r.status_code == 404 and r.json()["detail"].startswith("no model 'nope'")
+
+
+def test_negative_values_in_an_upload_named_as_such(client: httpx.Client, tmp_path: Any) -> None:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, -3.0, 1.0]], dtype=np.float32))
+    a = ad.AnnData(x)
+    a.obs_names = ["ok", "bad"]
+    a.var_names = ["G0", "G1", "G2"]
+    path = tmp_path / "neg.h5ad"
+    a.write_h5ad(path)
+    r = _upload(client, path, name="neg.h5ad")
+    assert r.status_code == 422 and "negative values" in r.json()["detail"] and "'bad'" in r.json()["detail"]
 
 
 def test_body_limit_413(client: httpx.Client) -> None:
