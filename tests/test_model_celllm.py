@@ -403,3 +403,43 @@ def test_gradient_path_equals_inference_path(tiny: tuple) -> None:
         w.requires_grad_(False)
         w.grad = None
     torch.testing.assert_close(slow.detach(), fast, atol=1e-5, rtol=0)
+
+
+def test_parity_with_performer_pytorch(pc9: dict, tiny: tuple, tiny_dir: Path) -> None:
+    """Against the upstream performer code: OpenBioMed's ``PerformerLM_CellLM``
+    (``open_biomed/models/cell/performer_celllm.py`` @ ce3ccab; OpenBioMed is not installable here: its
+    requirements pin torch 1.x / torch-geometric) builds its blocks from a copy of performer-pytorch, which IS
+    installed (1.1.4): ``performer_pytorch.Performer`` with the same depth/heads/dim_head/nb_features/qkv_bias,
+    loaded with this checkpoint's ``performer.*`` tensors, run on token_emb + pos_emb of real cells padded to
+    6,000 exactly as the original pads them (token 7 at gene 19,381; ``mask`` zeroes the padded values,
+    padded keys stay), then the final LayerNorm, CLS row. The only difference left is the key stabiliser
+    (performer-pytorch: max per cell and head; the original: over the batch; here: over the cell), which
+    cancels in the attention ratio except for its eps = 1e-4 term: equal within 2e-4 (2.8e-5 measured)."""
+    from performer_pytorch import Performer
+
+    model, module = tiny
+    cfg = resolve_config(CellLMModel.presets["tiny"])
+    ref = Performer(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"], dim_head=cfg["dim_head"],
+                    nb_features=cfg["nb_features"], qkv_bias=cfg["qkv_bias"], ff_mult=cfg["ff_mult"]).eval()
+    state = torch.load(tiny_dir / DEFAULT_WEIGHTS_FILE, weights_only=True)["model_state_dict"]
+    ref_state = {}
+    for k in ref.state_dict():
+        src = "performer." + k.replace("proj_updater.instance.", "net.").replace("proj_updater.", "")
+        ref_state[k] = state[src]
+    ref.load_state_dict(ref_state, strict=True)
+
+    rows = [181, 40]
+    out = model.make_tokenizer(pc9["genes"])(*_cells(pc9, rows))
+    pad_gene, pad_token, n = cfg["gene_num"] + 1, cfg["num_tokens"] - 1, cfg["max_seq_len"]
+    with torch.inference_mode():
+        got = model.embed(module, model.collate(out))
+        for i in range(len(rows)):
+            genes = torch.full((1, n), pad_gene, dtype=torch.long)
+            toks = torch.full((1, n), pad_token, dtype=torch.long)
+            length = len(out["input_ids"][i])
+            genes[0, :length] = torch.from_numpy(out["input_ids"][i].astype(np.int64))
+            toks[0, :length] = torch.from_numpy(out["tokens"][i].astype(np.int64))
+            x = state["token_emb.weight"][toks] + state["pos_emb.emb.weight"].float()[genes]
+            h = ref(x, mask=toks != pad_token)
+            want = F.layer_norm(h, (cfg["dim"],), state["norm.weight"], state["norm.bias"])[0, 0]
+            np.testing.assert_allclose(got[i].numpy(), want.numpy(), atol=2e-4)
