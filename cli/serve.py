@@ -186,9 +186,11 @@ def serve_cmd(
     max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
                                                       "(0: --max-batch-size).")] = 0,
     max_queued_requests: Annotated[int, typer.Option(help="Requests queued for the predictors per ingress replica "
-                                                     "(0: --max-batch-size); more: 503 + Retry-After.")] = 0,
+                                                     "(0: --max-batch-size / 2); more: 503 + Retry-After.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
+    max_queue_wait: Annotated[float, typer.Option(help="Seconds a request may wait for a predictor before it is "
+                                                  "shed with 503 + Retry-After.")] = 0.5,
     rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (token bucket per ingress replica; "
                                               "429 + Retry-After above); 0: off.")] = 0.0,
     rate_burst: Annotated[int, typer.Option(help="Token bucket size (0: 2 x --rate-limit).")] = 0,
@@ -222,7 +224,8 @@ def serve_cmd(
                      ("--max-batch-size", max_batch_size)):
         if val < 1:
             raise UserError(f"{opt} {val}: give at least 1")
-    for opt, num in (("--request-timeout", request_timeout), ("--rate-limit", rate_limit),
+    for opt, num in (("--request-timeout", request_timeout), ("--max-queue-wait", max_queue_wait),
+                     ("--rate-limit", rate_limit),
                      ("--drain-grace", drain_grace)):
         if not num >= 0:
             raise UserError(f"{opt} {num}: give a number >= 0")
@@ -238,7 +241,8 @@ def serve_cmd(
         max_models_per_replica=max_models_per_replica, max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_ms / 1000, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
         ingress_replicas=ingress_replicas, max_ongoing_requests=max_ongoing_requests,
-        max_queued_requests=max_queued_requests, request_timeout_s=request_timeout, rate_limit=rate_limit,
+        max_queued_requests=max_queued_requests, request_timeout_s=request_timeout, max_queue_wait_s=max_queue_wait,
+        rate_limit=rate_limit,
         rate_burst=rate_burst, max_json_cells=max_json_cells, default_model=default_model,
         drain_grace_s=drain_grace, docs=docs,
         llm=str(llm.resolve()) if llm else None, llm_name=llm_name, llm_cpus=llm_cpus, llm_gpus=llm_gpus,

@@ -83,8 +83,9 @@ class ServeConfig:
     ingress_cpus: float = 0.0
     ingress_replicas: int = 2  # two: one replica's death leaves the other serving
     max_ongoing_requests: int = 0  # per predictor replica; 0: max_batch_size (one batch runs, the next forms)
-    max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size (one more batch waits)
+    max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size / 2
     request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
+    max_queue_wait_s: float = 0.5  # a request that waited longer for a predictor is shed (503) unparsed
     rate_limit: float = 0.0  # requests/s per API key (token bucket, per ingress replica); 0: off
     rate_burst: int = 0  # bucket size; 0: 2 x rate_limit (at least 1)
     default_model: str | None = None  # /readyz loads it; None: the registry's first name
@@ -103,14 +104,14 @@ class ServeConfig:
 
     @property
     def predictor_queued(self) -> int:
-        return self.max_queued_requests or self.max_batch_size
+        return self.max_queued_requests or max(1, self.max_batch_size // 2)
 
     @property
     def ingress_admit(self) -> int:
-        """Model requests one ingress replica holds at once (the rest: 503): its share of what the
-        predictors run and queue, with room for the requests still reading their bodies."""
+        """Model requests one ingress replica takes at once (the rest: 503 before their body is read): its
+        share of what the predictors run, plus its queue."""
         share = math.ceil(self.predictor_ongoing * max(self.max_replicas, 1) / max(self.ingress_replicas, 1))
-        return 2 * (share + self.predictor_queued)
+        return share + self.predictor_queued
 
 
 class RequestError(Exception):
@@ -626,8 +627,20 @@ def build_app(cfg: ServeConfig) -> Any:
             keep = req["features"] or cells.embedding_2d
             return Answer(meta, cells.ids, p, feats if keep else None, req["features"], cells.embedding_2d)
 
+        def _waited_too_long(self, req: dict[str, Any]) -> RequestError | None:
+            # CoDel's rule: what queued longer than max_queue_wait_s is shed before any work, so a queue
+            # never holds more than that much waiting and the client hears 503 at once
+            waited = time.time() - req["sent_at"]
+            if waited > cfg.max_queue_wait_s:
+                return RequestError(503, f"the server is at capacity (the request waited {waited:.1f} s for a "
+                                         "predictor); retry after the Retry-After seconds", retry_after=1)
+            return None
+
         async def answer(self, req: dict[str, Any]) -> dict[str, Any]:
             """One JSON answer: ``{"status": 200, "body": bytes}`` or ``{"status": 4xx, "error": str}``."""
+            late = self._waited_too_long(req)
+            if late:
+                return {"status": late.status, "error": late.message}
             try:
                 ans = await self._compute(req)
                 return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
@@ -636,6 +649,10 @@ def build_app(cfg: ServeConfig) -> Any:
 
         async def answer_stream(self, req: dict[str, Any]) -> AsyncIterator[Any]:
             """NDJSON: first the status (a dict), then byte chunks: the head line, then one line per cell."""
+            late = self._waited_too_long(req)
+            if late:
+                yield {"status": late.status, "error": late.message}
+                return
             try:
                 ans = await self._compute(req)
             except RequestError as err:
@@ -745,6 +762,7 @@ def build_app(cfg: ServeConfig) -> Any:
             attempt = 0
             while True:
                 gen: Any = None
+                req["sent_at"] = time.time()
                 if stream:
                     gen = self.predictor.options(stream=True).answer_stream.remote(req)
                     pending: Any = gen.__anext__()
@@ -791,7 +809,8 @@ def build_app(cfg: ServeConfig) -> Any:
             req = await self._request(request, features)
             first, gen = await self._call(req, req["stream"])
             if first["status"] != 200:
-                raise RequestError(int(first["status"]), first["error"])
+                raise RequestError(int(first["status"]), first["error"], retry_after=1 if first["status"] == 503
+                                   else None)
             if not req["stream"]:
                 return Response(first["body"], media_type="application/json")
 
@@ -907,7 +926,7 @@ def build_app(cfg: ServeConfig) -> Any:
     # /readyz and the page) and the proxy's queue in front of it is short (then 503 + Retry-After).
     ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
                                num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_admit + 16,
-                               max_queued_requests=cfg.max_batch_size, backpressure_config=shed,
+                               max_queued_requests=16, backpressure_config=shed,
                                graceful_shutdown_timeout_s=cfg.drain_grace_s, health_check_period_s=2.0)(ingress_cls)
     return ingress.bind(Predictor.bind(cfg.registry), deployments, cards)
 
