@@ -75,6 +75,7 @@ def test_derived_cells_agree_with_every_published_total() -> None:
     assert checked >= 30  # 33 of the 62 published rows pin every member down
     assert catalog.cells_of(catalog.ids("primary")) == (326_751, [])
     assert catalog.cells_of(catalog.ids("external")) == (168_486, [])
+    assert catalog.cells_of(catalog.ids()) == (326_751 + 168_486, [])  # both collections
     assert catalog.dataset("Data12").cells == 284  # the docetaxel regimen is Data12 alone
     assert catalog.cells_of(["Data1", "Data2"]) == (3421, [])  # only published jointly
     assert catalog.cells_of(["Data1"]) == (None, ["Data1"])

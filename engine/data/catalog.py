@@ -376,11 +376,13 @@ def cells_of(cids: Iterable[str]) -> tuple[int | None, list[str]]:
     the set holds every dataset of the subgroup that shares them)."""
     wanted = list(dict.fromkeys(cids))
     by_id = _catalog_by_id()
-    for g in subgroups():
-        if g.kind == "all" and set(wanted) == set(ids(g.collection)):
-            return g.cells, []
+    total = 0
+    for g in subgroups():  # a whole collection: its published total
+        if g.kind == "all" and set(ids(g.collection)) <= set(wanted):
+            total += g.cells
+            wanted = [c for c in wanted if by_id[c].collection != g.collection]
     pending = [c for c in wanted if by_id[c].cells is None]
-    total = sum(by_id[c].cells or 0 for c in wanted)
+    total += sum(by_id[c].cells or 0 for c in wanted)
     covered: set[str] = set()
     # Smallest subgroups first; cancer-type rows last (one of them lists the wrong datasets, see README).
     for g in sorted(subgroups(), key=lambda g: (g.kind == "cancer_type", len(g.datasets))):
