@@ -160,6 +160,7 @@ def model_card(info: dict[str, Any]) -> dict[str, Any]:
     scores: dict[str, dict[str, Any]] = {}
     for m, v in (info.get("metrics") or {}).items():
         scores[m] = {"value": v, "ci_low": None, "ci_high": None}
+    cv = dict(info.get("cv_metrics") or {})
     run_dir = Path(src["run_dir"]) if src.get("run_dir") else None
     run_found = bool(run_dir and (run_dir / RESULTS).is_file())
     if run_found and run_dir is not None:
@@ -170,12 +171,16 @@ def model_card(info: dict[str, Any]) -> dict[str, Any]:
             for m in METRICS:
                 if m in r:
                     scores[m] = {"value": r[m], "ci_low": r.get(f"{m}_ci_low"), "ci_high": r.get(f"{m}_ci_high")}
+        unit = res[res["unit_id"] == src.get("unit_id")]
+        if len(unit):  # the sample sd over folds, as the leaderboard and report.html give it
+            cv = {m: {"mean": unit[m].mean(), "std": unit[m].std(ddof=1) if len(unit) > 1 else 0.0,
+                      "n_folds": len(unit)} for m in METRICS if m in unit}
     return _clean({
         "name": info.get("name"), "version": info.get("version"), "ref": f"{info.get('name')}@{info.get('version')}",
         "base_model": info.get("model"), "model_options": info.get("model_options") or {},
         "head": info.get("head"), "strategy": src.get("strategy") or info.get("kind"), "kind": info.get("kind"),
         "random_weights": bool(info.get("random_weights")), "training_data": info.get("training_data") or {},
-        "scores": scores, "cv_metrics": info.get("cv_metrics") or {}, "selected_by": info.get("selected_by"),
+        "scores": scores, "cv_metrics": cv, "selected_by": info.get("selected_by"),
         "source": {k: src.get(k) for k in ("unit_id", "run_name", "scheme", "split", "fold_name", "seed")},
         "run_id": _run_id(run_dir.resolve()) if run_found and run_dir is not None else None,
         "created": info.get("created"),

@@ -84,6 +84,10 @@ def test_explorer_api(explored: dict[str, Any]) -> None:
     auroc = card["scores"]["auroc"]
     assert auroc["ci_low"] <= auroc["value"] <= auroc["ci_high"]
     assert card["run_id"] == runs[0]["id"]
+    board = _api(explored, f"/v1/explorer/runs/{runs[0]['id']}")["leaderboard"]
+    unit = next(u for u in board if u["model"] == "pca-logreg")  # the card and the leaderboard agree
+    assert (card["cv_metrics"]["auroc"]["mean"], card["cv_metrics"]["auroc"]["std"]) == \
+        pytest.approx((unit["auroc_mean"], unit["auroc_std"]))
 
 
 @pytest.fixture(scope="module")
