@@ -79,3 +79,21 @@ def test_estimate_matches_the_runner_plan(tmp_path: Path) -> None:
     # 3 folds x (2 epochs x 3 passes x 200 training cells + 100 test cells)
     assert pooled_lora.forward_passes == pytest.approx(3 * (2 * 3 * 200 + 100))
     assert pooled_lora.gpu_hours == pytest.approx(pooled_lora.forward_passes / (2 * DEFAULT_CELLS_PER_S) / 3600)
+
+
+def test_sizes_from_an_h5ad_and_a_cell_store(tmp_path: Path) -> None:
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
+    from scdrugmap_ray.engine.data.simulate import simulate_h5ad
+    from scdrugmap_ray.jobs.planner import data_size
+
+    h5ad = tmp_path / "cells.h5ad"
+    simulate_h5ad(h5ad, n_cells=240, n_datasets=3, samples_per_dataset=2, seed=2, n_genes=300, progress=False)
+    convert_h5ad(h5ad, tmp_path / "store", ConvertOptions(label_key="response", dataset_key="dataset"), progress=False)
+    entry = {"name": "x", "label_key": "response", "dataset_key": "dataset"}
+    for path, source in ((h5ad, "(obs read)"), (tmp_path / "store", "cell store")):
+        spec = parse_spec({"name": "s", "data": [{**entry, "path": str(path)}], "models": [{"name": "pca-logreg"}],
+                           "evaluation": {"cross_data": {"holdout": "each"}}})
+        size = data_size(spec.data[0])
+        assert size.cells == 240 and sorted(size.datasets) == ["sim01", "sim02", "sim03"] and source in size.source
+        assert sum(size.datasets.values()) == 240
+        assert [u.folds for u in estimate(spec).units] == [3]
