@@ -394,3 +394,11 @@ def test_bf16_module(tiny: tuple, pc9: dict) -> None:
         b = model.embed(half, model.collate(out))
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.98
+
+
+def test_identity_names_the_one_cell_mode(tiny_dir: Path) -> None:
+    """The run manifest records the model's identity: it says that each cell is embedded alone (the
+    original's default attends across the cells of a sample; docs/fidelity.md says why not here)."""
+    ident = get_model("cellplm", {"checkpoint": str(tiny_dir)}).identity()
+    assert ident["resolved"] == {"cells_per_pass": 1, "gmvae_cluster": "mode"}
+    assert ident["options"]["dtype"] == "upstream"

@@ -395,3 +395,33 @@ def test_bf16_and_token_range(tiny: tuple, tiny_dir: Path, pc9: dict) -> None:
     assert torch.nn.functional.cosine_similarity(a, b).item() > 0.98
     with pytest.raises(UserError, match="beyond the token table"):
         model.collate({"input_ids": [np.array([3, 10**6], dtype=np.int32)]})
+
+
+def test_filter_option_is_the_originals_gene_filter(pc9: dict, tiny_dir: Path, tmp_path: Path) -> None:
+    """Option ``filter: true`` = the original's default ``--filter`` (uce/data_proc/data_utils.py
+    process_raw_anndata lines 207-209: ``sc.pp.filter_genes(min_cells=10)``): genes expressed in fewer than
+    10 of the store's cells get no token; every other gene keeps its token. Off by default (a departure,
+    recorded in the model's identity); without the store pass it is a one-line error."""
+    import anndata as ad
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
+    from scdrugmap_ray.engine.data.store import CellStore
+
+    a = pc9["adata"][:300].copy()
+    a.write_h5ad(tmp_path / "pc9_300.h5ad")
+    convert_h5ad(tmp_path / "pc9_300.h5ad", tmp_path / "store", ConvertOptions(), progress=False)
+    store = CellStore.open(tmp_path / "store")
+    plain = get_model("uce", {"checkpoint": str(tiny_dir)})
+    assert plain.options["filter"] is False and plain.identity()["options"]["filter"] is False
+    filtered = get_model("uce", {"checkpoint": str(tiny_dir), "filter": True})
+    with pytest.raises(UserError, match="filter: true counts each gene's cells over the whole store"):
+        filtered.make_tokenizer(store.genes)  # type: ignore[attr-defined]
+    filtered.check_store(store)
+    t_plain, t_filt = plain.make_tokenizer(store.genes), filtered.make_tokenizer(store.genes)  # type: ignore[attr-defined]
+    n_cells = np.asarray((ad.read_h5ad(tmp_path / "pc9_300.h5ad").X > 0).sum(axis=0)).ravel()  # scanpy's rule
+    rare = n_cells < 10
+    pos = store.genes["position"].to_numpy()
+    assert (t_filt.token[pos[rare]] == -1).all()
+    assert np.array_equal(t_filt.token[pos[~rare]], t_plain.token[pos[~rare]])
+    assert (t_plain.token[pos[rare]] >= 0).any()  # the filter really removed known genes
+    with pytest.raises(UserError, match="filter"):
+        get_model("uce", {"checkpoint": str(tiny_dir), "filter": "yes"})

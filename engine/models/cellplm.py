@@ -546,6 +546,11 @@ class CellPLMModel(FoundationModel):
         super().__init__(**options)
         self._config: dict[str, Any] | None = None
 
+    def identity(self) -> dict[str, Any]:
+        # the run manifest names the departure from the original's default (all cells of a sample in one
+        # pass, attending to each other): here every cell is its own one-cell pass (see the module docstring)
+        return {**super().identity(), "resolved": {"cells_per_pass": 1, "gmvae_cluster": "mode"}}
+
     def _paths(self) -> tuple[Path, Path]:
         directory = self.checkpoint_dir()
         prefix = find_prefix(directory, self.options["prefix"])

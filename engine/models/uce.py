@@ -57,9 +57,12 @@ Where it differs, and why:
   ``src_key_padding_mask``, which torch ADDS to the attention logits: padded tokens are attended to (with
   +1), so its embedding of a cell depends on how far the batch pads it. Ours equals the original's for a
   cell embedded without padding (batch size 1, or the longest cell of its batch), whatever the batch.
-* No dataset-level filtering: the original's default ``--filter`` drops genes expressed in fewer than 10
-  cells and cells with fewer than 25 genes of the whole file before sampling; that makes a cell's sentence
-  depend on the other cells, so it is not done (as the original's ``--filter False``).
+* Dataset-level filtering is an option, off by default: the original's default ``--filter`` drops genes
+  expressed in fewer than 10 cells and cells with fewer than 25 genes of the whole file before sampling;
+  that makes a cell's sentence depend on the other cells of its store (and a served request of a few cells
+  would lose every gene), so the default is the original's ``--filter False``. Option ``filter: true``
+  applies the gene filter over the whole store (counted in ``check_store``); cells left with fewer than 25
+  genes are counted in a log line and embedded all the same (one output row per cell).
 * ``species_chrom.csv`` symbols are matched case-insensitively (the original looks the upper-cased data
   symbols up as they are written in the csv). Genes that have a protein embedding but no row in
   ``species_chrom.csv`` (the original fails with a KeyError) or no chromosome/start there are left out.
@@ -137,6 +140,10 @@ DEFAULT_ARGS: dict[str, int] = {
 }
 #: get_ESM2_embeddings: chromosome rows appended to a token table that has none, from this seed
 CHROM_SEED = 23
+#: the original's --filter: sc.pp.filter_genes(min_cells=10) then sc.pp.filter_cells(min_genes=25)
+#: (uce/data_proc/data_utils.py process_raw_anndata, lines 207-209 of uce-model 0.1.4)
+FILTER_MIN_CELLS = 10
+FILTER_MIN_GENES = 25
 #: modules of the official file that a cell embedding never runs (pretraining's binary decoder)
 UNUSED_MODULES = ("binary_decoder.", "gene_embedding_layer.")
 #: binary_decoder's input is output_dim + 1280 in the original whatever d_model is
@@ -600,10 +607,20 @@ class UCE(FoundationModel):
     name = "uce"
     presets: ClassVar[dict[str, dict[str, Any]]] = _PRESETS
     lora_targets: ClassVar[list[str]] = ["self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"]
-    default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None, "species": "human", "seed": 0}
+    default_options: ClassVar[dict[str, Any]] = {
+        "checkpoint": None, "preset": None, "species": "human", "seed": 0,
+        # the original's --filter (default True there): genes expressed in < 10 of the store's cells left out.
+        # Off by default here: it makes a cell's tokens depend on the other cells of its store, and a store of
+        # a few cells (a served request) would lose every gene. `filter: true` gives the original's behaviour.
+        "filter": False,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        if not isinstance(self.options["filter"], bool):
+            raise UserError(f"uce option filter={self.options['filter']!r}: use true (the original's --filter) "
+                            "or false")
+        self._gene_cells: np.ndarray | None = None
         if not isinstance(self.options["species"], str):
             raise UserError(f"uce option species={self.options['species']!r} must be a name such as human")
         if isinstance(self.options["seed"], bool) or not isinstance(self.options["seed"], int):
@@ -621,6 +638,26 @@ class UCE(FoundationModel):
     def max_length(self) -> int:
         return self.args()["pad_length"]
 
+    def check_store(self, store: Any) -> None:
+        """Counts; with option ``filter`` also the number of cells each store gene is expressed in (one pass
+        over the store's gene lists), for the original's gene filter."""
+        super().check_store(store)
+        if not self.options["filter"]:
+            return
+        counts = np.zeros(len(store.genes), dtype=np.int64)
+        for batch in store.iter_batches(batch_size=4096, columns=["gene_index"]):
+            flat = batch.column("gene_index").flatten().to_numpy(zero_copy_only=False)
+            counts += np.bincount(flat.astype(np.int64), minlength=len(counts))[: len(counts)]
+        keep = counts >= FILTER_MIN_CELLS
+        few = 0
+        for batch in store.iter_batches(batch_size=4096, columns=["gene_index"]):
+            for gi in batch.column("gene_index").to_pylist():
+                few += int(keep[np.asarray(gi, dtype=np.int64)].sum() < FILTER_MIN_GENES)
+        log.info("uce filter: %d of the store's %d genes are expressed in fewer than %d cells and left out; %d cells "
+                 "keep fewer than %d genes (the original drops those cells; here they are embedded all the same)",
+                 int((~keep).sum()), len(counts), FILTER_MIN_CELLS, few, FILTER_MIN_GENES)
+        self._gene_cells = counts
+
     def make_tokenizer(self, genes: pd.DataFrame) -> UCETokenizer:
         ckpt, species = self.checkpoint_dir(), self.options["species"]
         offsets = read_species_offsets(ckpt)
@@ -631,6 +668,13 @@ class UCE(FoundationModel):
             genes, symbols, offsets[species], read_chrom_table(ckpt / CHROM_CSV), species, self.args(),
             self.options["seed"],
         )
+        if self.options["filter"]:
+            if self._gene_cells is None or len(self._gene_cells) != len(genes):
+                raise UserError("uce option filter: true counts each gene's cells over the whole store; embed the "
+                                "store through the pipeline (scdrugmap-ray run / embed), or use filter: false")
+            rare = np.flatnonzero(self._gene_cells < FILTER_MIN_CELLS)
+            tok.token[rare[rare < len(tok.token)]] = -1
+            tok.n_matched = int((tok.token >= 0).sum())
         log.info(
             "uce: %d of the store's %d genes have a %s protein embedding and position (%.1f%%); %d more lack a "
             "chromosome position",
