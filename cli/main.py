@@ -409,24 +409,41 @@ def tokenize(
     _say(f"wrote tokens to {out}; vocabulary coverage {coverage:.1%}")
 
 
+Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when the Ray cluster has GPUs.")]
+Actors = Annotated[int | None, typer.Option(min=1, help="Most model actors (default: one per GPU, or per node).")]
+ActorResource = Annotated[list[str] | None, typer.Option(
+    "--actor-resource", help="A Ray resource every model actor needs, NAME=AMOUNT (repeatable), e.g. accelerator=1.")]
+
+
 @app.command()
 def embed(
     store: Annotated[Path, typer.Argument(help="A cell store directory.")],
     model: Annotated[str, typer.Option(help="Model name.")],
-    out: Annotated[Path, typer.Option(help="Output Parquet file (cell_id, embedding).")],
+    out: Annotated[str, typer.Option(help="Output folder (a path every node reaches, or s3://, gs://): one "
+                                          "part-NNNNN.parquet per store shard. The same folder again resumes.")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per model batch.")] = 16384,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per model batch.")] = 16384,
+    device: Device = None,
+    actors: Actors = None,
+    actor_resource: ActorResource = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Embed every cell of a store with a foundation model (Ray Data, actor pool)."""
+    """Embed every cell of a store with a foundation model: Ray Data streams the cells through an actor
+    pool whose actors write the embeddings; the driver's memory does not grow with the number of cells."""
     from scdrugmap_ray.engine.data.store import CellStore
-    from scdrugmap_ray.engine.pipeline.embed import embed_store, write_embeddings
+    from scdrugmap_ray.engine.pipeline.embed import embed_to_dir
+    from scdrugmap_ray.engine.runtime import parse_resources
 
     fm = _foundation_model(model, checkpoint, preset)
     cells = CellStore.open(store)
-    emb = embed_store(fm, cells, batch_tokens=batch_tokens)
-    write_embeddings(out, cells.obs(["cell_id"])["cell_id"].astype(str).tolist(), emb)
-    _say(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
+    res = embed_to_dir(fm, cells, out, batch_tokens=batch_tokens, device=device, num_actors=actors,
+                       actor_resources=parse_resources(actor_resource), progress=not quiet)
+    resumed = f" ({res.shards_skipped} shards were already written)" if res.shards_skipped else ""
+    _say(f"wrote {res.n_cells} x {res.dim} embeddings to {res.out} in {res.n_shards} parts{resumed}; "
+         f"{res.cells_embedded} cells embedded now on {res.device} ({res.cells_per_s:,.1f} cells/s)")
+    if res.cells_per_node:
+        _say("cells per node: " + ", ".join(f"{node[:12]}={n}" for node, n in sorted(res.cells_per_node.items())))
 
 
 @bench_app.command("embed")

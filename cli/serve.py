@@ -108,7 +108,7 @@ def predict(
     from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
     from scdrugmap_ray.engine.models.base import cache_root
     from scdrugmap_ray.engine.registry import Registry, predict_store
-    from scdrugmap_ray.jobs.runner import _init_ray
+    from scdrugmap_ray.engine.runtime import init_ray
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -117,7 +117,7 @@ def predict(
         raise UserError(f"{data} not found")
     store = ensure_store(data, ConvertOptions(layer=layer), cache_root() / "stores")
     source = data if data.is_file() else Path(str(store.meta.get("source", "")))
-    _init_ray(address)
+    init_ray(address)
     from scdrugmap_ray.engine.runtime import parse_resources
 
     stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors,
@@ -186,7 +186,7 @@ def serve_cmd(
     max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
                                                       "(0: --max-batch-size).")] = 0,
     max_queued_requests: Annotated[int, typer.Option(help="Requests queued for the predictors per ingress replica "
-                                                     "(0: --max-batch-size / 2); more: 503 + Retry-After.")] = 0,
+                                                     "(0: --max-batch-size); more: 503 + Retry-After.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
     max_queue_wait: Annotated[float, typer.Option(help="Seconds a request may wait for a predictor before it is "
@@ -217,7 +217,7 @@ def serve_cmd(
     import os
 
     from scdrugmap_ray.engine.registry import Registry
-    from scdrugmap_ray.jobs.runner import _init_ray
+    from scdrugmap_ray.engine.runtime import init_ray
     from scdrugmap_ray.serve.app import APP_NAME, ServeConfig, drain, run_app
 
     for opt, val in (("--ingress-replicas", ingress_replicas), ("--min-replicas", min_replicas),
@@ -252,7 +252,7 @@ def serve_cmd(
         from scdrugmap_ray.serve.llm import llm_configs
 
         llm_configs(cfg)  # a wrong directory or name is one line here, before any replica starts
-    _init_ray(address)
+    init_ray(address)
     run_app(cfg, host=host, port=port)
     _say(f"serving {len(reg.names())} model(s) from {reg.root} at http://{host}:{port}/ (API docs: /docs); "
          "Ctrl-C stops")
@@ -293,11 +293,11 @@ def bench_predict(
     from scdrugmap_ray.engine.models.base import cache_root
     from scdrugmap_ray.engine.pipeline.bench import PeakRSS
     from scdrugmap_ray.engine.registry import Registry, predict_store
-    from scdrugmap_ray.jobs.runner import _init_ray
+    from scdrugmap_ray.engine.runtime import init_ray
 
     version_dir = Registry(registry).resolve(model)
     store = ensure_store(data, ConvertOptions(), cache_root() / "stores")
-    _init_ray(None)
+    init_ray(None)
     with tempfile.TemporaryDirectory() as tmp, PeakRSS(interval=0.2) as rss:
         target = out or Path(tmp) / "predictions.parquet"
         stats = predict_store(version_dir, store, target, num_actors=actors)

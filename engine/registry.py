@@ -18,6 +18,7 @@ paths. ``LoadedModel`` predicts cells given as a sparse matrix plus gene names (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -384,6 +385,9 @@ class _PredictActor:
         self.want = want_features
         self.n_store_genes = len(store_symbols)
         try:
+            from .runtime import check_actor_device
+
+            check_actor_device(device)
             self.model = LoadedModel(version_dir, device, getattr(torch, dtype) if dtype else None, batch_tokens)
             self.col_map_symbols = store_symbols
         except UserError as err:
@@ -425,15 +429,17 @@ class PredictStats:
 
 def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = False, num_actors: int | None = None,
                      device: str | None = None, batch_tokens: int = 16_384, block_cells: int = 4096,
+                     actor_resources: dict[str, float] | None = None,
                      ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of {cell_id, p_sensitive[, features]} for every cell of a store, streamed by Ray Data."""
+    """Batches of {cell_id, p_sensitive[, features]} for every cell of a store, streamed by Ray Data. Actors
+    are planned from the cluster's resources (GPUs found on workers, not on the driver)."""
     import ray
 
-    from .pipeline.embed import _quiet_ray_data, _user_error_in, tokenize_rows
+    from .pipeline.embed import tokenize_rows
+    from .runtime import actor_plan, init_ray, quiet_ray_data, user_errors
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, logging_level=logging.WARNING)
-    _quiet_ray_data()
+    init_ray()
+    quiet_ray_data()
     # a bad model or bad data fails here, in one line, before any task starts
     probe = LoadedModel(version_dir)
     if probe.is_obsm:
@@ -445,42 +451,31 @@ def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = Fal
         raise UserError(f"none of the {len(store_symbols)} genes of {store.path} is in the model's vocabulary "
                         f"({len(probe.vocabulary)} genes, e.g. {', '.join(probe.vocabulary[:3])})")
     log.info("%d of the data's %d genes are in the model's gene list", known, len(store_symbols))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    import torch
-
-    device = device or ("cuda" if gpus and torch.cuda.is_available() and probe.is_foundation else "cpu")
-    dtype = "bfloat16" if device == "cuda" else None
+    if probe.is_foundation:
+        plan = actor_plan(device, num_actors, actor_resources)
+    else:  # a baseline: small CPU actors, as many as the cluster's CPUs allow, one thread each
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        plan = actor_plan(device or "cpu", num_actors or max(1, cpus - 1), actor_resources, foundation=False)
+        plan = dataclasses.replace(plan, cpu_threads=1)
+    dtype = "bfloat16" if plan.device == "cuda" else None
     ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
     if probe.is_foundation:
         ds = ds.map_batches(tokenize_rows, fn_args=(probe.model.make_tokenizer(store.genes),),  # type: ignore[attr-defined]
                             batch_size=1024, batch_format="numpy")
-        size = num_actors or max(1, gpus if device == "cuda" else 1)
-        pool = ray.data.ActorPoolStrategy(size=size)
-        threads = max(1, cpus // size)
-    else:
-        size = num_actors or max(1, cpus - 1)
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=size)
-        threads = 1
     del probe
     ds = ds.map_batches(
         _PredictActor,
-        fn_constructor_args=(str(version_dir), store_symbols, device, dtype, batch_tokens, want_features, threads),
-        compute=pool, num_gpus=1 if device == "cuda" else 0, batch_size=block_cells if not want_features else 1024,
-        batch_format="numpy",
+        fn_constructor_args=(str(version_dir), store_symbols, plan.device, dtype, batch_tokens, want_features,
+                             plan.cpu_threads),
+        batch_size=block_cells if not want_features else 1024, batch_format="numpy", **plan.map_kwargs(),
     )
-    try:
+    with user_errors():
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    except Exception as err:
-        user = _user_error_in(err)
-        if user is not None:
-            raise user from None
-        raise
 
 
 def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool = False,
-                  source_h5ad: Path | None = None,
-                  num_actors: int | None = None, device: str | None = None) -> PredictStats:
+                  source_h5ad: Path | None = None, num_actors: int | None = None, device: str | None = None,
+                  actor_resources: dict[str, float] | None = None) -> PredictStats:
     """Predict every cell of ``store`` and write ``out``: Parquet (cell_id, p_sensitive, label[, embedding]) or
     .h5ad (a copy of ``source_h5ad`` with ``obs`` columns ``scdrugmap_p_sensitive`` / ``scdrugmap_label`` and,
     with ``embeddings``, ``obsm['X_scdrugmap']``). Memory is bounded by Ray Data blocks, except for one float
@@ -494,7 +489,7 @@ def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool 
                         ".h5ad of this cell store is not available; write .parquet instead")
     t0 = time.perf_counter()
     batches = iter_predictions(Path(version_dir), store, want_features=embeddings, num_actors=num_actors,
-                               device=device)
+                               device=device, actor_resources=actor_resources)
     if suffix == ".parquet":
         stats = _write_parquet(batches, out, embeddings)
     else:

@@ -270,10 +270,9 @@ class AttributorPool:
     def __init__(self, workers: int, store: CellStore, obs: pd.DataFrame, levels: dict[str, np.ndarray],
                  opts: ExplainOptions) -> None:
         import ray
+        from scdrugmap_ray.engine.runtime import init_ray
 
-        from .runner import _init_ray
-
-        _init_ray(None)
+        init_ray(None)
         cls = ray.remote(num_cpus=1)(_Attributor)
         obs_ref, levels_ref = ray.put(obs), ray.put(levels)
         self.actors = [cls.remote(str(store.path), obs_ref, levels_ref, opts) for _ in range(workers)]

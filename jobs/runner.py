@@ -9,6 +9,7 @@ crash loses only the folds in flight and ``--resume`` skips every fold whose res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
 from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
 from scdrugmap_ray.engine.data.simulate import simulate_h5ad
@@ -30,8 +32,9 @@ from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, compute_metrics
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
-from scdrugmap_ray.engine.pipeline.embed import read_embeddings, write_embeddings
-from scdrugmap_ray.engine.train.frozen import FoldOutcome, run_frozen_fold
+from scdrugmap_ray.engine.pipeline.embed import EmbeddingSet, embed_to_dir
+from scdrugmap_ray.engine.runtime import init_ray
+from scdrugmap_ray.engine.train.frozen import FoldOutcome, obs_columns, obs_rows, run_frozen_fold
 
 from .planner import Unit, model_key, plan_units
 from .spec import PROMPT_STRATEGIES, BenchmarkSpec, DataSpec
@@ -105,19 +108,25 @@ def _labelled_obs(store: CellStore, data_name: str) -> pd.DataFrame:
 
 
 def embedding_path(cache: Path, store: CellStore, model_identity: dict[str, Any]) -> Path:
-    return cache / "embeddings" / f"{store.content_hash[:16]}-{_digest(model_identity)}.parquet"
+    """The embedding folder of (store content x model identity) in the cache (``embed_to_dir``'s layout)."""
+    return cache / "embeddings" / f"{store.content_hash[:16]}-{_digest(model_identity)}"
 
 
-def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path) -> Path:
-    """Embed every cell of the store once (cached by store content x model identity).
+def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path, progress: bool = False) -> Path | None:
+    """Embed every cell of the store once (cached by store content x model identity); None for precomputed
+    (obsm) embeddings, which the fold tasks read from the store itself.
 
-    Runs from the driver: a foundation model's embedding is itself a Ray Data job (CPU tokenize tasks
-    and an actor pool), which must not sit inside a task holding the resources it needs.
+    Foundation models stream through ``embed_to_dir``: their actors write the parts, the driver holds
+    none of it, and an interrupted run resumes at the shards not yet written. It runs from the driver: the
+    embedding is itself a Ray Data job (CPU tokenize tasks and an actor pool), which must not sit inside a
+    task holding the resources it needs.
     """
+    from scdrugmap_ray.engine.models.base import FoundationModel
+
+    if not isinstance(model, FoundationModel):
+        return None
     path = embedding_path(cache, store, model.identity())
-    if not path.exists():
-        emb = model.embed_store(store)
-        write_embeddings(path, store.obs(["cell_id"])["cell_id"].astype(str).tolist(), emb)
+    embed_to_dir(model, store, path, progress=progress)
     return path
 
 
@@ -133,16 +142,19 @@ def _fold_task(
     unit: Unit,
     fold: Fold,
     store_path: str,
-    obs: pd.DataFrame,
+    obs: pa.Table,
     emb_path: str | None,
     run_dir: str,
     n_boot: int,
     random_weights: bool,
 ) -> str:
-    """Train and evaluate one frozen fold; write predictions, breakdowns, then the result row."""
+    """Train and evaluate one frozen fold; write predictions, breakdowns, then the result row.
+
+    ``obs`` is the cell metadata as an Arrow table put in the object store once (read zero-copy here);
+    the embeddings are read for this fold's rows only."""
     store = CellStore.open(store_path)
     model = get_model(unit.model.name, unit.model.options)
-    embedding = read_embeddings(Path(emb_path)) if emb_path else None
+    embedding = EmbeddingSet(emb_path) if emb_path else None
     # the fitted head (and a baseline's featurizer) is kept for `scdrugmap-ray models register`
     model_dir = Path(run_dir) / "units" / unit.unit_id / f"{unit.fold_id(fold)}.model"
     out = run_frozen_fold(
@@ -152,13 +164,14 @@ def _fold_task(
 
 
 def write_fold(
-    unit: Unit, fold: Fold, obs: pd.DataFrame, out: FoldOutcome, run_dir: str, n_boot: int, random_weights: bool,
+    unit: Unit, fold: Fold, obs: pa.Table | pd.DataFrame, out: FoldOutcome, run_dir: str, n_boot: int,
+    random_weights: bool,
     extra_row: dict[str, Any] | None = None, extra_preds: dict[str, Any] | None = None,
 ) -> str:
     """Metrics, bootstrap intervals and breakdowns of one fold's test predictions, written atomically
     (predictions, breakdowns, then the result row: a fold with a result row is finished)."""
-    meta_cols = [c for c in METADATA_COLUMNS if c in obs.columns]
-    preds = obs.loc[out.test_rows, ["cell_id", *meta_cols]].reset_index(drop=True)
+    meta_cols = [c for c in METADATA_COLUMNS if c in obs_columns(obs)]
+    preds = obs_rows(obs, out.test_rows, ["cell_id", *meta_cols])
     preds.insert(1, "fold", fold.fold)
     preds.insert(2, "y_true", out.y_true.astype(np.int8))
     preds.insert(3, "p_sensitive", out.p_sensitive.astype(np.float32))
@@ -230,21 +243,20 @@ def _run_lora_fold(
     """Fine-tune on the fold's training cells (validation picks the epoch), predict its test cells."""
     import time
 
-    from scdrugmap_ray.engine.train.lora import finetune, predict_finetuned, remove_training_state
+    from scdrugmap_ray.engine.train.lora import LabelledCells, finetune, predict_finetuned, remove_training_state
 
     fm = get_model(unit.model.name, unit.model.options)
     settings = lora_settings(spec, unit.model, unit.head, unit.seed)
-    ids = obs["cell_id"].astype(str).to_numpy()
     labels = obs["label"].to_numpy()
     out_dir = run_dir / "units" / unit.unit_id / f"{unit.fold_id(fold)}.lora"
     t0 = time.perf_counter()
     res = finetune(
         fm, store,  # type: ignore[arg-type]
-        {ids[i]: int(labels[i]) for i in fold.train}, {ids[i]: int(labels[i]) for i in fold.val},
+        LabelledCells(fold.train, labels[fold.train]), LabelledCells(fold.val, labels[fold.val]),
         out_dir, settings,
     )
     t1 = time.perf_counter()
-    p, _ = predict_finetuned(res.model_dir, store, [ids[i] for i in fold.test], settings.batch_tokens)
+    p, _ = predict_finetuned(res.model_dir, store, rows=fold.test, batch_tokens=settings.batch_tokens)
     t2 = time.perf_counter()
     info = {k: v for k, v in res.metrics.items() if k != "history"}
     info.update(strategy="lora", model_dir=str(res.model_dir), r=settings.r, alpha=settings.alpha,
@@ -308,17 +320,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False}
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        kwargs["include_dashboard"] = False  # embedded local Ray: no dashboard needed
-    ray.init(address=address, **kwargs)
-
-
 def _progress(total: int, enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -370,7 +371,7 @@ def run_benchmark(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "spec.json", spec.model_dump(mode="json"))
-    _init_ray(address)
+    init_ray(address)
     fold_remote = ray.remote(num_cpus=spec.resources.cpus_per_unit, num_gpus=spec.resources.gpus_per_unit)(
         _fold_task
     )
@@ -383,12 +384,15 @@ def run_benchmark(
             needed = any(u.data == data_name and u.model == m and u.strategy == "frozen" for u, _ in todo)
             if isinstance(model, EmbeddingModel) and needed:
                 log.info("embedding %s with %s", data_name, m.name)
-                emb_paths[(data_name, model_key(m))] = ensure_embedding(model, store, cache)
+                path = ensure_embedding(model, store, cache, progress=progress)
+                if path is not None:
+                    emb_paths[(data_name, model_key(m))] = path
 
     lora_todo = [(u, f) for u, f in todo if u.strategy == "lora"]
     prompt_todo = [(u, f) for u, f in todo if u.strategy in PROMPT_STRATEGIES]
     todo = [(u, f) for u, f in todo if u.strategy not in ("lora", *PROMPT_STRATEGIES)]
-    obs_refs = {name: ray.put(obs) for name, obs in obs_by_data.items()}
+    # the cell metadata goes to the object store once per data entry, as Arrow (read zero-copy by the tasks)
+    obs_refs = {name: ray.put(pa.Table.from_pandas(obs, preserve_index=False)) for name, obs in obs_by_data.items()}
     with _progress(len(todo) + len(lora_todo) + len(prompt_todo), progress) as bar:
         task = bar.add_task("folds", total=len(todo) + len(lora_todo) + len(prompt_todo))
         # LoRA folds train with Ray Train from the driver, one after another: each needs the workers'
@@ -416,7 +420,7 @@ def run_benchmark(
             emb = emb_paths.get((unit.data, model_key(unit.model)))
             refs.append(
                 fold_remote.remote(
-                    unit,
+                    dataclasses.replace(unit, folds=[]),  # this fold's rows only, not every fold's
                     fold,
                     str(stores[unit.data].path),
                     obs_refs[unit.data],

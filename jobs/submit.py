@@ -9,13 +9,15 @@ carries the benchmark YAML (its working directory, as ``benchmark.yaml``) and a 
 Data and output paths are opened ON THE CLUSTER: every path in the spec (and ``out``) must be reachable
 from the cluster's nodes, e.g. a shared filesystem (NFS, Lustre, a mounted bucket) mounted at the same
 path everywhere. The job runs in a temporary directory, so relative paths would point inside it:
-relative data paths are refused here, and a relative output directory gets a warning (results would
-vanish with the job's working directory).
+relative data, cache and output paths are refused here, in one line (results would vanish with the
+job's working directory). The machine's SCDRUGMAP_RAY_CACHE / SCDRUGMAP_RAY_REGISTRY travel in the job's
+runtime environment, so every node uses the same shared cache.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import tempfile
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from ..engine.errors import UserError
+from ..engine.storage import shareable
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +134,29 @@ def _check_spec_paths(spec_path: Path, out: str | None, env: dict[str, str]) -> 
                 "cluster: give an absolute path on storage every node can read (a shared filesystem)"
             )
     cache = spec.get("cache")
-    if (not cache or not Path(str(cache)).is_absolute()) and "SCDRUGMAP_RAY_CACHE" not in env:
+    if cache:
+        shareable(cache, f"`cache:` in {spec_path}")
+    elif "SCDRUGMAP_RAY_CACHE" not in env:
         log.warning(
-            "no absolute `cache:` in %s: converted data is cached on the node that runs the job, and tasks on "
-            "other nodes read it by path; on a multi-node cluster set `cache:` to a shared directory "
-            "(or SCDRUGMAP_RAY_CACHE on every node)",
+            "no `cache:` in %s and no SCDRUGMAP_RAY_CACHE: converted data and preset checkpoints are cached on "
+            "each node's home directory; on a multi-node cluster set `cache:` (or SCDRUGMAP_RAY_CACHE) to a "
+            "shared directory or URI",
             spec_path,
         )
     output = out or spec.get("output")
-    if not output or not Path(str(output)).is_absolute():
-        log.warning(
-            "the run directory %r is relative: on the cluster it lands in the job's temporary working "
-            "directory and vanishes with it; pass --out with an absolute path on shared storage",
-            output or f"runs/{spec.get('name')}",
-        )
+    shareable(output or f"runs/{spec.get('name')}", "the run directory (--out or `output:`)")
+
+
+def cluster_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a cluster job: the caller's, plus this machine's SCDRUGMAP_RAY_CACHE and
+    SCDRUGMAP_RAY_REGISTRY when set (checked to be paths every node can reach), so the job's driver and
+    every worker share one cache: data converted once, preset checkpoints created once."""
+    env = {str(k): str(v) for k, v in (extra_env or {}).items()}
+    for var in ("SCDRUGMAP_RAY_CACHE", "SCDRUGMAP_RAY_REGISTRY"):
+        value = os.environ.get(var)
+        if value and var not in env:
+            env[var] = shareable(value, var)
+    return env
 
 
 # -------------------------------------------------------------------------------------------- API
@@ -171,7 +183,8 @@ def submit(
     spec_path = Path(spec_path)
     if not spec_path.is_file():
         raise UserError(f"benchmark file {spec_path} not found")
-    _check_spec_paths(spec_path, out, extra_env or {})
+    env = cluster_env(extra_env)
+    _check_spec_paths(spec_path, out, env)
     client = _client(address)
 
     command = ["python", "-m", f"{PACKAGE}.cli.main", "run", "benchmark.yaml"]
@@ -185,8 +198,8 @@ def submit(
         runtime_env: dict[str, Any] = {"working_dir": str(work), "py_modules": [str(package)]}
         if pip:
             runtime_env["pip"] = list(pip)
-        if extra_env:
-            runtime_env["env_vars"] = {str(k): str(v) for k, v in extra_env.items()}
+        if env:
+            runtime_env["env_vars"] = env
         # submit_job uploads the staged directories before it returns, so the temp dir can go after.
         job_id = _call(
             address,

@@ -121,16 +121,16 @@ def test_foundation_model_commands(tmp_path: Path, shared_dir: Path) -> None:
     assert {"cell_id", "input_ids"} <= set(tokens.column_names) and tokens.num_rows == 120
 
     proc = cli("embed", str(tmp_path / "store"), "--model", "geneformer", "--checkpoint", str(ckpt),
-               "--out", str(tmp_path / "emb.parquet"), env=env)
+               "--out", str(tmp_path / "emb"), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    emb = pq.read_table(tmp_path / "emb.parquet")
+    emb = pq.read_table(tmp_path / "emb")  # a folder of parts, one per store shard
     assert emb.num_rows == 120 and emb.schema.field("embedding").type.list_size == 64
 
     (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:5000])
     proc = cli("embed", str(tmp_path / "store"), "--model", "geneformer", "--checkpoint", str(ckpt),
-               "--out", str(tmp_path / "emb2.parquet"), env=env)
+               "--out", str(tmp_path / "emb2"), env=env)
     # The error reaches the user as its one line, exit 2; Ray's own start-up lines may precede it.
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: truncated or corrupt checkpoint file"), last
-    assert not (tmp_path / "emb2.parquet").exists()
+    assert not (tmp_path / "emb2").exists()

@@ -176,14 +176,24 @@ def test_missing_spec_and_relative_data_path(tmp_path: Path) -> None:
         jobs.submit(spec, "http://127.0.0.1:1")
 
 
-def test_relative_output_and_cache_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_relative_output_and_cache_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver-local relative path names another folder on every node: one line saying what to use."""
+    monkeypatch.delenv("SCDRUGMAP_RAY_CACHE", raising=False)
     spec = tmp_path / "rel-out.yaml"
     spec.write_text(yaml.safe_dump({"name": "x", "data": [{"simulate": {"cells": 100}}],
                                     "models": [{"name": "pca-logreg"}], "output": "runs/x"}))
-    with caplog.at_level("WARNING", logger="scdrugmap_ray.jobs.submit"), pytest.raises(UserError, match="reach"):
+    with pytest.raises(UserError, match=r"run directory .*'runs/x' is a relative path.*s3://"):
         jobs.submit(spec, f"127.0.0.1:{_free_ports(1)[0]}")
-    text = caplog.text
-    assert "'runs/x' is relative" in text and "no absolute `cache:`" in text
+    spec.write_text(yaml.safe_dump({"name": "x", "data": [{"simulate": {"cells": 100}}],
+                                    "models": [{"name": "pca-logreg"}], "output": str(tmp_path / "out"),
+                                    "cache": "cache"}))
+    with pytest.raises(UserError, match=r"`cache:` .*'cache' is a relative path"):
+        jobs.submit(spec, f"127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", "rel-cache")
+    with pytest.raises(UserError, match=r"SCDRUGMAP_RAY_CACHE 'rel-cache' is a relative path"):
+        jobs.cluster_env()
+    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", "s3://bucket/cache")
+    assert jobs.cluster_env({"A": "1"}) == {"A": "1", "SCDRUGMAP_RAY_CACHE": "s3://bucket/cache"}
 
 
 def test_stage_package_copies_every_subpackage(tmp_path: Path) -> None:

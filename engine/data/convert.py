@@ -70,6 +70,7 @@ class ConvertOptions:
             d.pop(k)
         if d["catalog"] is None:  # the option changes nothing, so it leaves the cache key as it was
             d.pop("catalog")
+        d["schema_version"] = SCHEMA_VERSION  # a cached store of an older layout is converted again
         return d
 
 
@@ -414,13 +415,15 @@ def _list_array(csr: sp.csr_matrix, data: np.ndarray, typ: pa.DataType) -> pa.Li
 
 
 def _chunk_table(
-    plan: _Plan, schema: pa.Schema, start: int, n_read: int, keep: np.ndarray, sub: sp.csr_matrix
+    plan: _Plan, schema: pa.Schema, start: int, n_read: int, keep: np.ndarray, sub: sp.csr_matrix, first_row: int
 ) -> pa.Table:
-    """The store rows of one read chunk: ``keep`` are the non-empty rows (chunk-relative), ``sub`` their values."""
+    """The store rows of one read chunk: ``keep`` are the non-empty rows (chunk-relative), ``sub`` their values,
+    ``first_row`` the store row of the first kept cell (rows count written cells: empty ones are dropped)."""
     rows = start + keep
     lab = plan.labels[rows]
     arrays: dict[str, Any] = {
         "cell_id": pa.array(plan.cell_ids[rows], type=pa.string()),
+        "row": pa.array(np.arange(first_row, first_row + len(rows), dtype=np.int64)),
         "gene_index": _list_array(sub, sub.indices.astype(np.int32), pa.int32()),
         "value": _list_array(sub, sub.data.astype(np.float32), pa.float32()),
         # every kept row has a non-zero, so reduceat's segments are all non-empty
@@ -479,9 +482,9 @@ def _process(h: _H5ad, plan: _Plan, opts: ConvertOptions, out: Path | None, prog
                     datasets[d] = datasets.get(d, 0) + int(n)
                 if "sample" in plan.columns:
                     samples.update(x for x in plan.columns["sample"][rows] if x is not None)
-                report.n_cells_written += len(rows)
                 if writer is not None and len(rows):
-                    writer.add(_chunk_table(plan, schema, start, len(nnz), keep, sub))
+                    writer.add(_chunk_table(plan, schema, start, len(nnz), keep, sub, report.n_cells_written))
+                report.n_cells_written += len(rows)
                 bar.advance(task, len(nnz))
         if writer is not None:
             writer.close()

@@ -10,12 +10,14 @@ import pyarrow as pa
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 1
+# 2: an int64 ``row`` column (the cell's global, stable position in the store) after ``cell_id``
+SCHEMA_VERSION = 2
 METADATA_COLUMNS = ("dataset", "sample", "cancer_type", "tissue", "therapy", "regimen")
 
 SHARD_SCHEMA = pa.schema(
     [
         ("cell_id", pa.string()),
+        ("row", pa.int64()),
         ("gene_index", pa.list_(pa.int32())),
         ("value", pa.list_(pa.float32())),
         ("n_counts", pa.float64()),

@@ -76,9 +76,32 @@ class CellStore:
         return pd.read_parquet(self.path / "genes.parquet")
 
     @cached_property
-    def _shard_offsets(self) -> np.ndarray:
+    def shard_offsets(self) -> np.ndarray:
+        """int64 [n_shards + 1]: the first global row of each shard (from the Parquet footers), then n_cells."""
         sizes = [pq.ParquetFile(p).metadata.num_rows for p in self.shard_paths]
         return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def shards_of(self, rows: np.ndarray | None) -> list[int]:
+        """Indices of the shards holding any of ``rows`` (sorted int64; None: every shard)."""
+        return [s for s, n in enumerate(self.cells_per_shard(rows)) if n]
+
+    def cells_per_shard(self, rows: np.ndarray | None) -> np.ndarray:
+        """int64 [n_shards]: how many of ``rows`` (None: all cells) each shard holds."""
+        offsets = self.shard_offsets
+        if rows is None:
+            return np.diff(offsets)
+        shard = np.searchsorted(offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
+        return np.bincount(shard, minlength=len(offsets) - 1).astype(np.int64)
+
+    def rows_of(self, cell_ids: Sequence[str]) -> np.ndarray:
+        """int64 store rows of the given cell ids, in that order (reads the cell_id column once). For
+        callers that name cells; the engine itself passes rows."""
+        ids = pd.Index(self.obs(["cell_id"])["cell_id"].astype(str))
+        rows = ids.get_indexer(pd.Index([str(c) for c in cell_ids]))
+        if (rows < 0).any():
+            missing = [str(c) for c, r in zip(cell_ids, rows, strict=True) if r < 0][:3]
+            raise UserError(f"{self.path}: cell(s) {', '.join(map(repr, missing))} not in the store")
+        return rows.astype(np.int64)
 
     # ---------------------------------------------------------------------------------------- reads
 
@@ -103,7 +126,7 @@ class CellStore:
     def read_csr(self, rows: np.ndarray | None = None) -> sp.csr_matrix:
         """Expression of the given rows (all by default), in that order: float32 [len(rows), n_genes]."""
         parts = []
-        offsets = self._shard_offsets
+        offsets = self.shard_offsets
         if rows is None:
             for p in self.shard_paths:
                 parts.append(_csr(pq.read_table(p, columns=["gene_index", "value"]), self.n_genes))
@@ -122,6 +145,18 @@ class CellStore:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return stacked[inverse]
+
+    def read_cell_ids(self, rows: np.ndarray) -> list[str]:
+        """The cell ids of the given store rows, in that order (reads only the shards holding them)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        offsets = self.shard_offsets
+        shard_of = np.searchsorted(offsets, rows, side="right") - 1
+        out = np.empty(len(rows), dtype=object)
+        for s in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == s)
+            ids = pq.read_table(self.shard_paths[s], columns=["cell_id"]).column(0)
+            out[at] = ids.take(pa.array(rows[at] - offsets[s])).to_numpy(zero_copy_only=False)
+        return [str(x) for x in out]
 
     def obsm(self, key: str, rows: np.ndarray | None = None) -> np.ndarray:
         if key not in self.obsm_keys:

@@ -373,12 +373,12 @@ class RemoteChatBackend(ChatBackend):
     def complete(self, chats: Sequence[list[dict[str, str]]], params: dict[str, Any]) -> tuple[list[ChatResult], Usage]:
         import ray
 
-        from ..pipeline.embed import _user_error_in
+        from ..runtime import user_error_in
 
         try:
             return ray.get(self._actor.complete.remote(list(chats), params))
         except Exception as err:
-            user = _user_error_in(err)
+            user = user_error_in(err)
             if user is not None:
                 raise user from None
             raise

@@ -222,8 +222,14 @@ class FoundationModel(EmbeddingModel):
         if not path.exists():
             from ..fsutil import atomic_dir
 
-            with atomic_dir(path) as tmp:
-                type(self).init_random(tmp, preset)
+            # Written once into the (shared) cache; presets are seeded, so a second writer racing this
+            # one (another actor, another node) writes the same bytes and simply loses the rename.
+            try:
+                with atomic_dir(path) as tmp:
+                    type(self).init_random(tmp, preset)
+            except (FileExistsError, OSError):
+                if not path.exists():
+                    raise
         return path
 
     @property

@@ -55,10 +55,13 @@ def log1p_inplace(x: sp.csr_matrix) -> sp.csr_matrix:
 class _Normalizing(FittedFeatureModel):
     """Shared normalisation decision and state for the fitted baselines."""
 
-    default_options: ClassVar[dict[str, Any]] = {"target_sum": 1e4, "normalize": "auto"}
+    default_options: ClassVar[dict[str, Any]] = {"target_sum": 1e4, "normalize": "auto", "fit_cells": 200_000}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        fit_cells = self.options["fit_cells"]
+        if isinstance(fit_cells, bool) or not isinstance(fit_cells, int) or fit_cells < 2:
+            raise UserError(f"model {self.name!r}: fit_cells must be a whole number >= 2, got {fit_cells!r}")
         if self.options["normalize"] not in ("auto", True, False):
             raise UserError(f"model {self.name!r}: normalize must be auto, true or false, got "
                             f"{self.options['normalize']!r}")
@@ -109,7 +112,8 @@ class _Normalizing(FittedFeatureModel):
 class PCALogReg(_Normalizing):
     name = "pca-logreg"
     default_head = "logreg"
-    default_options: ClassVar[dict[str, Any]] = {"n_components": 50, "target_sum": 1e4, "normalize": "auto"}
+    default_options: ClassVar[dict[str, Any]] = {"n_components": 50, "target_sum": 1e4, "normalize": "auto",
+                                                 "fit_cells": 200_000}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -181,7 +185,8 @@ def seurat_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np
 class HVGMLP(_Normalizing):
     name = "hvg-mlp"
     default_head = "mlp"
-    default_options: ClassVar[dict[str, Any]] = {"n_top_genes": 2000, "target_sum": 1e4, "normalize": "auto"}
+    default_options: ClassVar[dict[str, Any]] = {"n_top_genes": 2000, "target_sum": 1e4, "normalize": "auto",
+                                                 "fit_cells": 200_000}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..data.splits import Fold
 from ..data.store import CellStore
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json
 from ..models.base import EmbeddingModel, FittedFeatureModel, Model
+from ..pipeline.embed import EmbeddingSet
 from .heads import Head, make_head
 
 log = logging.getLogger(__name__)
@@ -39,37 +41,84 @@ class FoldOutcome:
     predict_seconds: float = 0.0
 
 
-def _labels(obs: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    return obs["label"].to_numpy()[rows].astype(np.int64)
+#: cell metadata as the runner has it (pandas) or as fold tasks receive it (an Arrow table, zero-copy)
+Obs = pd.DataFrame | pa.Table
+
+
+def obs_columns(obs: Obs) -> list[str]:
+    return list(obs.column_names if isinstance(obs, pa.Table) else obs.columns)
+
+
+def obs_rows(obs: Obs, rows: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """The given columns of the given store rows, as a fresh DataFrame (0..n-1 index)."""
+    if isinstance(obs, pa.Table):
+        return obs.select(columns).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pandas()
+    return obs.loc[rows, columns].reset_index(drop=True)
+
+
+def _labels(obs: Obs, rows: np.ndarray) -> np.ndarray:
+    col = obs.column("label") if isinstance(obs, pa.Table) else obs["label"]
+    return np.asarray(col.to_numpy(), dtype=np.float64)[rows].astype(np.int64)
 
 
 def fold_features(
-    model: Model, store: CellStore, fold: Fold, seed: int, embedding: np.ndarray | None
+    model: Model, store: CellStore, fold: Fold, seed: int, embedding: np.ndarray | EmbeddingSet | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features of the train, validation and test cells of a fold."""
+    """Features of the train, validation and test cells of a fold (an ``EmbeddingSet`` is read for those
+    rows only)."""
     if isinstance(model, EmbeddingModel):
+        if isinstance(embedding, EmbeddingSet):
+            return embedding.take(fold.train), embedding.take(fold.val), embedding.take(fold.test)
         if embedding is None:
             embedding = model.embed_store(store)
         return embedding[fold.train], embedding[fold.val], embedding[fold.test]
     if isinstance(model, FittedFeatureModel):
-        rows = np.concatenate([fold.train, fold.val, fold.test])
-        cells = store.read_csr(rows)
-        n_tr, n_va = len(fold.train), len(fold.val)
-        model.fit(cells[:n_tr], store.genes, seed)
-        feats = model.transform(cells)
-        return feats[:n_tr], feats[n_tr : n_tr + n_va], feats[n_tr + n_va :]
+        # Atlas-sized folds: the featurizer is fitted on at most `fit_cells` training cells (a seeded
+        # subsample, logged), then every cell is transformed shard by shard: the task never holds the
+        # expression of the whole fold, only its features.
+        fit_rows = fit_subsample(fold.train, int(model.options.get("fit_cells") or len(fold.train)), seed)
+        if len(fit_rows) < len(fold.train):
+            log.info("%s: featurizer fitted on a seeded subsample of %d of the %d training cells", model.name,
+                     len(fit_rows), len(fold.train))
+        model.fit(store.read_csr(fit_rows), store.genes, seed)
+        return tuple(transform_rows(model, store, rows) for rows in (fold.train, fold.val, fold.test))  # type: ignore[return-value]
     raise TypeError(f"model {model.name!r} is neither an EmbeddingModel nor a FittedFeatureModel")
+
+
+def fit_subsample(rows: np.ndarray, most: int, seed: int) -> np.ndarray:
+    """``rows`` itself when it has at most ``most`` cells, else a seeded random subset of ``most`` (sorted)."""
+    if len(rows) <= most:
+        return rows
+    rng = np.random.default_rng([seed, len(rows), most])
+    return np.sort(rng.choice(rows, size=most, replace=False))
+
+
+def transform_rows(model: FittedFeatureModel, store: CellStore, rows: np.ndarray) -> np.ndarray:
+    """float32 features of the given store rows, in that order, reading one shard's cells at a time."""
+    rows = np.asarray(rows, dtype=np.int64)
+    offsets = store.shard_offsets
+    shard = np.searchsorted(offsets, rows, side="right") - 1
+    out: np.ndarray | None = None
+    for s in np.unique(shard):
+        at = np.flatnonzero(shard == s)
+        feats = model.transform(store.read_csr(rows[at]))
+        if out is None:
+            out = np.empty((len(rows), feats.shape[1]), dtype=np.float32)
+        out[at] = feats
+    if out is None:  # no rows: the width from an empty transform
+        out = np.asarray(model.transform(store.read_csr(rows)), dtype=np.float32)
+    return out
 
 
 def run_frozen_fold(
     model: Model,
     store: CellStore,
-    obs: pd.DataFrame,
+    obs: Obs,
     fold: Fold,
     head_name: str,
     head_options: dict[str, Any],
     seed: int,
-    embedding: np.ndarray | None = None,
+    embedding: np.ndarray | EmbeddingSet | None = None,
     save_dir: Path | None = None,
 ) -> FoldOutcome:
     """Train the fold's head (and the baseline's featurizer), predict its test cells; with ``save_dir``,

@@ -28,6 +28,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json
+from ..runtime import init_ray, quiet_ray_data, user_errors
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
     from ..data.store import CellStore
     from ..models.base import FoundationModel
+    from ..pipeline.embed import SharedArray
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ METRICS = "metrics.json"
 LORA_KEYS = (
     "r", "alpha", "dropout", "targets", "epochs", "lr", "head_lr", "weight_decay", "batch_cells",
     "batch_tokens", "patience", "gradient_checkpointing", "precision", "workers", "cpus_per_worker",
-    "use_gpu", "hidden", "head_dropout", "backbone_dropout",
+    "use_gpu", "hidden", "head_dropout", "backbone_dropout", "shuffle_buffer_cells",
+    "full_shuffle_cells",
 )
 
 
@@ -78,9 +82,11 @@ class LoraSettings:
     patience: int = 3
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
-    workers: int = 1
+    workers: int | None = None  # None: one per GPU of the cluster when it has GPUs, else 1
     cpus_per_worker: float = 1.0
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    shuffle_buffer_cells: int = 2048  # each worker's shuffle buffer, reseeded every epoch
+    full_shuffle_cells: int = 100_000  # up to this many training cells, a global shuffle (else block order)
     hidden: int = 512  # the MLP head's width (scDrugMap: d -> 512 -> 512 -> 2); 0: a linear head
     head_dropout: float = 0.1
     backbone_dropout: bool = True  # the frozen model's own dropout layers active while training
@@ -98,8 +104,9 @@ class LoraSettings:
             (0 <= s.dropout < 1, "dropout must be in [0, 1)"),
             (s.epochs >= 1, "epochs must be >= 1"),
             (s.lr > 0 and s.head_lr > 0, "learning rates must be > 0"),
-            (s.workers >= 1, "workers must be >= 1"),
-            (s.batch_cells >= s.workers, "batch_cells must be at least the number of workers"),
+            (s.workers is None or s.workers >= 1, "workers must be >= 1"),
+            (s.batch_cells >= (s.workers or 1), "batch_cells must be at least the number of workers"),
+            (s.shuffle_buffer_cells >= 0, "shuffle_buffer_cells must be >= 0"),
             (s.batch_tokens >= 1, "batch_tokens must be >= 1"),
             (s.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (s.hidden >= 0, "hidden must be >= 0"),
@@ -276,38 +283,65 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
 # -------------------------------------------------------------------------------------------- data
 
 
-def _add_labels(table: Any, labels: dict[str, int]) -> Any:
+@dataclass(frozen=True)
+class LabelledCells:
+    """Cells to train on, by store row: ``rows`` int64 (any order) and their 0/1 ``labels``. What a task
+    needs of them travels once, as arrays in the object store, never as a Python dict of cell ids."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        order = np.argsort(np.asarray(self.rows, dtype=np.int64), kind="stable")
+        object.__setattr__(self, "rows", np.asarray(self.rows, dtype=np.int64)[order])
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.float64)[order].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def of(cls, store: CellStore, cells: LabelledCells | Mapping[str, int]) -> LabelledCells:
+        """From a mapping cell_id -> label (API convenience: ids are looked up once, here) or as is."""
+        if isinstance(cells, LabelledCells):
+            return cells
+        ids = list(cells)
+        return cls(store.rows_of(ids), np.fromiter((int(cells[c]) for c in ids), dtype=np.int64, count=len(ids)))
+
+
+def _tokenize_labelled(batch: dict[str, np.ndarray], tokenizer: Any, rows: SharedArray,
+                       labels: SharedArray) -> Any:
+    """Keep the wanted cells of a batch of store rows, tokenize them and add their ``label`` column."""
     import pyarrow as pa
 
-    ids = table.column("cell_id").to_pylist()
-    return table.append_column("label", pa.array([labels[c] for c in ids], type=pa.int64()))
+    from ..pipeline.embed import member_mask, tokenize_rows
+
+    mask, pos = member_mask(batch["row"], rows.get())
+    kept = {k: v[mask] for k, v in batch.items()}
+    table = tokenize_rows(kept, tokenizer)
+    return table.append_column("label", pa.array(labels.get()[pos[mask]], type=pa.int64()))
 
 
-def labelled_dataset(fm: FoundationModel, store: CellStore, cell_labels: dict[str, int],
-                     block_cells: int = 256, materialize: bool = True) -> Any:
-    """A Ray Dataset of the given cells, tokenized, with a ``label`` column."""
+def labelled_dataset(fm: FoundationModel, store: CellStore, cells: LabelledCells, block_cells: int = 256) -> Any:
+    """A streaming Ray Dataset of the given cells, tokenized, with a ``label`` column; only the shards
+    holding them are read, and block order is shuffled (seeded) so that training batches do not follow the
+    store's (often sample-sorted) order."""
     import ray
 
-    from ..pipeline.embed import keep_cells, tokenize_rows
+    from ..pipeline.embed import SharedArray
 
     tokenizer = fm.make_tokenizer(store.genes)
-    ds = ray.data.read_parquet([str(p) for p in store.shard_paths], columns=["cell_id", "gene_index", "value"])
-    ds = ds.map_batches(keep_cells, fn_args=(frozenset(cell_labels),), batch_format="numpy")
-    ds = ds.map_batches(
-        lambda b, tok=tokenizer, lab=cell_labels: _add_labels(tokenize_rows(b, tok), lab),
-        batch_size=block_cells, batch_format="numpy",
-    )
-    # The trainer's workers hold the CPUs while they train: on a small cluster, tasks that produce
-    # data lazily would wait for them forever. Data that fits is produced before training starts.
-    return ds.materialize() if materialize else ds
+    paths = [str(store.shard_paths[s]) for s in store.shards_of(cells.rows)]
+    ds = ray.data.read_parquet(paths, columns=["cell_id", "row", "gene_index", "value"])
+    ds = ds.map_batches(_tokenize_labelled, fn_args=(tokenizer, SharedArray(cells.rows), SharedArray(cells.labels)),
+                        batch_size=block_cells, batch_format="numpy")
+    return ds
 
 
-def probe_cell(fm: FoundationModel, store: CellStore, cell_id: str) -> dict[str, list[np.ndarray]]:
+def probe_cell(fm: FoundationModel, store: CellStore, row: int) -> dict[str, list[np.ndarray]]:
     """One tokenized cell (ragged fields, no cell_id): enough to find the embedding width and which
     modules reach the embedding, without starting Ray."""
-    ids = store.obs(["cell_id"])["cell_id"].astype(str).to_numpy()
-    row = int(np.flatnonzero(ids == cell_id)[0])
     x = store.read_csr(np.array([row]))
+    cell_id = store.read_cell_ids(np.array([row]))[0]
     tokenized = fm.make_tokenizer(store.genes)(  # type: ignore[attr-defined]
         np.array([cell_id]), [x.indices.astype(np.int32)], [x.data.astype(np.float32)]
     )
@@ -462,7 +496,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, n_cells, n_tokens = time.perf_counter(), 0, 0
         train_loss_sum, train_w_sum = 0.0, 0.0
         for batch in train_shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                              local_shuffle_buffer_size=max(per_worker * 4, 64),
+                                              local_shuffle_buffer_size=max(per_worker * 4,
+                                                                            settings.shuffle_buffer_cells // world),
                                               local_shuffle_seed=settings.seed * 1000 + epoch):
             y = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
             # the global batch's weight sum: each worker's loss is its share of the global weighted mean
@@ -557,21 +592,35 @@ def class_weights(y: np.ndarray) -> list[float]:
     return (counts.sum() / (2 * counts)).tolist()
 
 
+def resolve_scaling(settings: LoraSettings) -> LoraSettings:
+    """Workers and GPU use from the CLUSTER (not the driver): one worker per GPU when it has GPUs."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = bool(gpus) if settings.use_gpu is None else settings.use_gpu
+    if use_gpu and not gpus:
+        raise UserError("lora settings: use_gpu is true but the Ray cluster has no GPU")
+    workers = settings.workers or (gpus if use_gpu else 1)
+    if settings.batch_cells < workers:
+        raise UserError(f"lora settings: batch_cells ({settings.batch_cells}) must be at least the number of "
+                        f"workers ({workers})")
+    return replace(settings, workers=workers, use_gpu=use_gpu)
+
+
 def finetune(
     fm: FoundationModel,
     store: CellStore,
-    train_labels: dict[str, int],
-    val_labels: dict[str, int],
+    train: LabelledCells | Mapping[str, int],
+    val: LabelledCells | Mapping[str, int],
     out_dir: Path,
     settings: LoraSettings,
 ) -> FinetuneResult:
-    """Train LoRA + head on the given cells; write the model under ``out_dir/model``. Re-running with the
-    same ``out_dir`` resumes from the last checkpoint (or returns the finished model)."""
+    """Train LoRA + head on the given cells (store rows + labels, or a cell_id -> label mapping); write the
+    model under ``out_dir/model``. Re-running with the same ``out_dir`` resumes from the last checkpoint
+    (or returns the finished model)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from ..pipeline.embed import _quiet_ray_data, _user_error_in
 
     out_dir = Path(out_dir).absolute()
     final = out_dir / MODEL_DIR
@@ -579,31 +628,41 @@ def finetune(
         log.info("%s is already trained; nothing to do", final)
         return FinetuneResult(final, json.loads((final / METRICS).read_text()))
     fm.check_store(store)
-    y_train = np.fromiter(train_labels.values(), dtype=np.int64, count=len(train_labels))
-    weights = class_weights(y_train)
-    if len(train_labels) < settings.workers:
-        raise UserError(f"{len(train_labels)} training cells cannot be shared by {settings.workers} workers")
-    use_val = len(val_labels) > 0 and len(set(val_labels.values())) == 2
+    train_cells, val_cells = LabelledCells.of(store, train), LabelledCells.of(store, val)
+    weights = class_weights(train_cells.labels)
+    use_val = len(val_cells) > 0 and len(np.unique(val_cells.labels)) == 2
     if not use_val:
         log.warning("validation cells are missing or one-class: LoRA trains %d epochs without early stopping",
                     settings.epochs)
 
-    probe = probe_cell(fm, store, next(iter(train_labels)))
+    probe = probe_cell(fm, store, int(train_cells.rows[0]))
     fields = list(probe)
     # a bad checkpoint or LoRA target fails here, in one line, before Ray starts
     resolve_targets(fm, fm.load(device="cpu"), settings.targets, probe)  # type: ignore[attr-defined]
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, logging_level=logging.WARNING)
-    _quiet_ray_data()
-    try:
-        train_ds = labelled_dataset(fm, store, train_labels)
-        val_ds = labelled_dataset(fm, store, val_labels) if val_labels else train_ds.limit(0).materialize()
-    except Exception as err:
-        user = _user_error_in(err)
-        if user is not None:
-            raise user from None
-        raise
+    init_ray()
+    quiet_ray_data()
+    settings = resolve_scaling(settings)
+    assert settings.workers is not None
+    if len(train_cells) < settings.workers:
+        raise UserError(f"{len(train_cells)} training cells cannot be shared by {settings.workers} workers")
+    # Streamed, never materialized on the driver. Stores are often sorted by sample, so batches must mix
+    # the whole training set: a seeded global shuffle when it is small enough for the object store, else a
+    # seeded block order; each worker also shuffles within a buffer of cells, reseeded every epoch.
+    train_ds = labelled_dataset(fm, store, train_cells)
+    if len(train_cells) <= settings.full_shuffle_cells:
+        train_ds = train_ds.random_shuffle(seed=settings.seed)
+    else:
+        train_ds = train_ds.randomize_block_order(seed=settings.seed)
+    val_ds = labelled_dataset(fm, store, val_cells) if len(val_cells) else train_ds.limit(0)
+    spare = ray.cluster_resources().get("CPU", 0) - settings.workers * settings.cpus_per_worker
+    if spare < 1:
+        # Ray Data's tasks need a CPU beside the training workers; a cluster this small (a laptop, a CI
+        # runner) has none left while they train, so its data is produced before training instead.
+        log.info("%g CPU(s) left beside %d training worker(s): the tokenized training data is materialized "
+                 "in the object store before training (streamed on larger clusters)", spare, settings.workers)
+        with user_errors():
+            train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -616,20 +675,15 @@ def finetune(
             "class_weights": weights,
             "use_val": use_val,
         },
-        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=bool(settings.use_gpu),
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
         run_config=RunConfig(storage_path=str(out_dir / "ray"), name="train",
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split="all"),
     )
-    try:
+    with user_errors():
         result = trainer.fit()
-    except Exception as err:
-        user = _user_error_in(err)
-        if user is not None:
-            raise user from None
-        raise
     if result.checkpoint is None:
         raise RuntimeError("LoRA training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -689,15 +743,15 @@ def remove_training_state(out_dir: Path) -> None:
 
 
 def predict_finetuned(model_dir: Path, store: CellStore, cell_ids: list[str] | None = None,
-                      batch_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(p_sensitive, embeddings) of the given cells (all by default) with a fine-tuned model: the
-    adapted backbone runs in the Ray Data actor pool, the small head on the driver."""
+                      batch_tokens: int | None = None, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(p_sensitive, embeddings) of the given cells (store ``rows``, or ``cell_ids``; all by default) with a
+    fine-tuned model: the adapted backbone runs in the Ray Data actor pool, the small head on the driver."""
     import torch
 
     from ..pipeline.embed import DEFAULT_BATCH_TOKENS, embed_store
 
     fm, _, head = _load_config_and_head(Path(model_dir))
-    emb = embed_store(fm, store, cell_ids=cell_ids, finetuned=str(model_dir),
+    emb = embed_store(fm, store, cell_ids=cell_ids, rows=rows, finetuned=str(model_dir),
                       batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS)
     with torch.no_grad():
         p = torch.softmax(head(torch.from_numpy(emb)), dim=1)[:, 1].numpy().astype(np.float32)

@@ -1,0 +1,178 @@
+"""The Ray runtime as the engine uses it: start or join Ray, quiet Ray Data, place model actors.
+
+Devices come from the CLUSTER, never from the driver: a head without GPUs (the usual KubeRay layout)
+still gets GPU actor pools on its GPU workers, and CUDA is checked inside each actor, where the model
+runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+_USER_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?UserError: (.+)$", re.MULTILINE)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs["include_dashboard"] = False  # embedded local Ray: no dashboard needed
+    ray.init(address=address, **kwargs)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator logs and bars drown the CLI's own output (the engine draws its own bar, fed
+    by the batches as they finish), and a task's UserError must reach the driver as itself."""
+    import ray
+
+    import warnings
+
+    # SPREAD placement of actor pools has no named map_batches parameter yet; the notice is Ray's, not the user's
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated", category=Warning)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "raise_original_map_exception"):
+        ctx.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind a Ray failure, if there is one: the exception itself or one of its causes (Ray
+    Data raises the original error with ``raise_original_map_exception``); Ray Train and plain tasks
+    keep the remote error's text only, so its last ``UserError:`` line is read from there."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        found = _USER_ERROR_LINE.findall(str(e))
+        if found:
+            return UserError(found[-1])
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise a remote UserError as itself (one line for the user) instead of Ray's wrapped traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        user = user_error_in(err)
+        if user is not None:
+            raise user from None
+        raise
+
+
+def parse_resources(items: list[str] | None) -> dict[str, float]:
+    """``["accelerator=1", "A100=0.5"]`` -> ``{"accelerator": 1.0, "A100": 0.5}`` (CLI ``--actor-resource``)."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount) if sep else 1.0
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise UserError(f"--actor-resource {item!r}: write NAME=AMOUNT with a positive amount, e.g. accelerator=1")
+        out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """Where and how many model actors run: from the cluster's resources, not the driver's hardware."""
+
+    device: str
+    max_actors: int
+    num_gpus: float = 0.0
+    cpu_threads: int = 1
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def map_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``Dataset.map_batches`` for an actor pool of this plan (autoscaling from one
+        actor up to ``max_actors``; a lost node's actors are replaced where resources remain)."""
+        import ray
+
+        kwargs: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.max_actors),
+            "num_gpus": self.num_gpus,
+        }
+        if self.resources:
+            kwargs["resources"] = dict(self.resources)
+        if self.device == "cpu" and not self.resources:
+            kwargs["scheduling_strategy"] = "SPREAD"  # one model copy per node before two on one node
+        return kwargs
+
+
+def actor_plan(device: str | None = None, num_actors: int | None = None,
+               resources: dict[str, float] | None = None, foundation: bool = True) -> ActorPlan:
+    """Plan the model actors on the current cluster.
+
+    * GPUs in the cluster (or ``device="cuda"``): one actor per GPU, ``num_gpus=1`` each.
+    * ``resources`` (e.g. ``{"accelerator": 1}``): as many actors as the scarcest named resource allows;
+      they land only on the nodes that have it.
+    * otherwise CPU: one actor per node (spread), each using that node's share of CPU threads.
+    """
+    import ray
+
+    if device is not None and device not in DEVICES:
+        raise UserError(f"--device {device!r}: use one of {', '.join(DEVICES)} (or leave it out to use the "
+                        "cluster's GPUs)")
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if device is None:
+        device = "cuda" if gpus and foundation else "cpu"
+    if device == "cuda" and not gpus:
+        raise UserError("--device cuda but the Ray cluster has no GPU; add GPU workers or use --device cpu")
+    resources = dict(resources or {})
+    for name, amount in resources.items():
+        if total.get(name, 0) < amount:
+            have = ", ".join(sorted(k for k in total if not k.startswith("node:"))) or "none"
+            raise UserError(f"actor resource {name}={amount:g} is not in the Ray cluster (it has: {have})")
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if num_actors is not None and num_actors < 1:
+        raise UserError(f"--actors {num_actors}: give at least 1")
+    if device == "cuda":
+        n = num_actors or gpus
+        return ActorPlan("cuda", n, num_gpus=1.0, resources=resources)
+    if resources:
+        n = num_actors or max(1, min(int(total.get(k, 0) // v) for k, v in resources.items()))
+    else:
+        n = num_actors or max(1, len(nodes))
+    threads = max(1, int(total.get("CPU", 1)) // n)
+    return ActorPlan("cpu", n, cpu_threads=threads, resources=resources)
+
+
+def check_actor_device(device: str) -> None:
+    """Inside an actor: the device it was planned for must exist on this node (one line if not)."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        import socket
+
+        raise UserError(f"a model actor was placed for CUDA on {socket.gethostname()}, where torch sees no GPU; "
+                        "install a CUDA build of torch on the GPU workers or run with --device cpu")

@@ -1,0 +1,137 @@
+"""A real multi-node Ray cluster on 127.0.0.1 for tests: `ray start` processes (a head and workers), each
+node with its own ports; a worker node can be killed (SIGKILL of its raylet and everything it started)
+and new ones added. Token auth is off for every node and driver (Ray 2.60 turns it on by itself when
+~/.ray/auth_token exists)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ray_env(address: str | None = None) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    if address:
+        env["RAY_ADDRESS"] = address
+    return env
+
+
+@dataclass
+class LocalCluster:
+    temp: Path
+    gcs_port: int
+    nodes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        agent, agent_grpc, metrics, node_manager, object_manager, runtime_env = free_ports(6)
+        log = (self.temp / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
+             f"--object-manager-port={object_manager}", f"--runtime-env-agent-port={runtime_env}",
+             "--object-store-memory=200000000", "--disable-usage-stats", *args],
+            env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.nodes.append(proc)
+        return proc
+
+    def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> subprocess.Popen:
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        proc = self._start(args, f"worker{len(self.nodes)}")
+        self.wait_for_nodes(sum(1 for p in self.nodes if p.poll() is None))
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a node: its `ray start`, raylet and every process they started (a crashed machine)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        proc.wait(timeout=30)
+
+    def nodes_info(self) -> list[dict]:
+        """ray.nodes() as seen by a fresh driver."""
+        code = "import json, ray; ray.init(); print(json.dumps(ray.nodes()))"
+        out = subprocess.run([sys.executable, "-c", code], env=ray_env(self.address), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def wait_for_nodes(self, n: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sum(1 for node in self.nodes_info() if node["Alive"]) >= n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{n} Ray nodes did not come up in {timeout_s} s")
+
+
+@contextlib.contextmanager
+def local_cluster(head_cpus: int, workers: list[tuple[int, dict[str, float]]]) -> Iterator[LocalCluster]:
+    temp = Path(tempfile.mkdtemp(prefix="raymn_", dir="/tmp"))  # short: socket paths must fit 107 bytes
+    (gcs, client) = free_ports(2)
+    cluster = LocalCluster(temp, gcs)
+    try:
+        cluster._start(["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", "--include-dashboard=false",
+                        f"--ray-client-server-port={client}", f"--temp-dir={temp}"], "head")
+        cluster.wait_for_nodes(1)
+        for cpus, resources in workers:
+            cluster.add_worker(cpus, resources)
+        yield cluster
+    finally:
+        for proc in reversed(cluster.nodes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in cluster.nodes:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                cluster.kill(proc)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if str(temp) in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
