@@ -38,9 +38,9 @@ def init_ray(address: str | None = None) -> None:
 def quiet_ray_data() -> None:
     """Ray Data's per-operator logs and bars drown the CLI's own output (the engine draws its own bar, fed
     by the batches as they finish), and a task's UserError must reach the driver as itself."""
-    import ray
-
     import warnings
+
+    import ray
 
     # SPREAD placement of actor pools has no named map_batches parameter yet; the notice is Ray's, not the user's
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated", category=Warning)
