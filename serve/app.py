@@ -83,7 +83,7 @@ class ServeConfig:
     ingress_cpus: float = 0.0
     ingress_replicas: int = 2  # two: one replica's death leaves the other serving
     max_ongoing_requests: int = 0  # per predictor replica; 0: max_batch_size (one batch runs, the next forms)
-    max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size / 2
+    max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size (waits are capped by time too)
     request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
     max_queue_wait_s: float = 0.5  # a request that waited longer for a predictor is shed (503) unparsed
     rate_limit: float = 0.0  # requests/s per API key (token bucket, per ingress replica); 0: off
@@ -104,7 +104,7 @@ class ServeConfig:
 
     @property
     def predictor_queued(self) -> int:
-        return self.max_queued_requests or max(1, self.max_batch_size // 2)
+        return self.max_queued_requests or self.max_batch_size
 
     @property
     def ingress_admit(self) -> int:

@@ -76,7 +76,8 @@ def test_ingress_replica_killed_under_load_leaves_the_service_up(app: dict[str, 
     res, back_s = _kill_under_load(app, "Ingress")
     # Ray's proxy does not retry a request whose ingress replica died after taking it: at most the requests
     # in flight on it at that moment (4 clients) fail; every other request, before and after, is a 200
-    assert res.errors <= 4 and res.ok >= 156 and res.missing == 0, (res.line(), res.statuses)
+    assert set(res.statuses) <= {200, 500} and res.statuses.get(500, 0) <= 4, (res.line(), res.statuses)
+    assert res.ok == 160 - res.statuses.get(500, 0) and res.missing == 0, (res.line(), res.statuses)
     assert back_s < 15, f"ingress back after {back_s:.1f} s"
     from scdrugmap_ray.serve.bench import load_test
 
@@ -116,6 +117,8 @@ def _post(client: httpx.Client, body: dict[str, Any], log: list[tuple[str, float
     try:
         r = client.post("/v1/predict", json=body, headers=H)
         log.append((str(r.status_code), t0))
+        if r.status_code in (429, 503):  # a well-behaved client waits as told
+            time.sleep(min(float(r.headers.get("retry-after", 1)), 1.0))
     except httpx.ConnectError:
         log.append(("refused", t0))  # not accepted: the server is gone
     except httpx.HTTPError as err:  # accepted, then dropped: what the drain must never do
@@ -128,7 +131,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
     from scdrugmap_ray.serve.bench import request_bodies
 
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "local", "SCDRUGMAP_TEST_KEY": API_KEY, "RAY_TMPDIR": str(tmp_path)}
+    import tempfile
+
+    # its own local Ray (never the session's or anyone's cluster); a short temp dir: Ray's socket paths
+    ray_tmp = tempfile.mkdtemp(prefix="sdm-drain-", dir="/tmp")
+    env = {**os.environ, "RAY_ADDRESS": "local", "SCDRUGMAP_TEST_KEY": API_KEY, "RAY_TMPDIR": ray_tmp}
     cmd = [sys.executable, "-m", "scdrugmap_ray.cli.main", "serve", "--registry", str(app["registry"]),
            "--port", str(port), "--api-key-env", "SCDRUGMAP_TEST_KEY", "--replica-cpus", "0.5",
            "--rate-limit", "10", "--rate-burst", "10", "--drain-grace", "20"]
@@ -142,7 +149,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not become ready"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"serve did not become ready: {proc.communicate()[0][-3000:]}")
             time.sleep(0.5)
         with httpx.Client(base_url=url, timeout=30) as c:
             codes = [c.get("/v1/models", headers=H) for _ in range(40)]
@@ -168,7 +177,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
         time.sleep(3.0)
         term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=90)
+        lines: list[tuple[float, str]] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:  # timestamped: when did the server report the drain done
+            lines.append((time.monotonic(), line))
+        proc.wait(timeout=90)
+        out = "".join(x for _, x in lines)
+        drained = next(t for t, x in lines if "drained; stopping" in x)
         stop.set()
         for t in threads:
             t.join(timeout=90)
@@ -177,8 +192,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
-    assert "drained; stopping" in out, out[-3000:]
-    outcomes = {o for o, _ in log}
-    assert not [o for o in outcomes if o.startswith("dropped")], (sorted(outcomes), out[-2000:])
-    assert outcomes <= {"200", "429", "503", "refused"}, sorted(outcomes)
+    # every request the server took before its drain was done got an answer; after it, the proxy goes away
+    # and a request racing that is refused or reset: not accepted
+    accepted = [(o, t0) for o, t0 in log if t0 < drained]
+    assert not [o for o, _ in accepted if o.startswith("dropped")], (sorted({o for o, _ in log}), out[-2000:])
+    assert {o for o, _ in accepted} <= {"200", "429", "503"}, sorted({o for o, _ in log})
     assert sum(o == "200" and t0 < term for o, t0 in log) > 0
+    assert sum(o == "503" for o, t0 in log if term < t0 < drained) > 0  # the door closed during the drain
