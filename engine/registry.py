@@ -329,20 +329,29 @@ def _load_lora(fm: Any, lora_dir: Path, device: str, dtype: Any) -> tuple[Any, A
     return merged.eval(), head.eval()
 
 
+def column_map(from_symbols: Sequence[str], to_symbols: Sequence[str]) -> np.ndarray:
+    """int64 [len(from_symbols)]: each source column's position among ``to_symbols`` (-1: not there). A
+    symbol that occurs twice in the target keeps its first column."""
+    target = pd.Index([str(s) for s in to_symbols])
+    first = ~target.duplicated()
+    return pd.Index(target[first]).get_indexer([str(s) for s in from_symbols]).astype(np.int64) if len(target) else (
+        np.full(len(from_symbols), -1, dtype=np.int64))
+
+
 def remap_columns(csr: sp.csr_matrix, from_symbols: Sequence[str], to_symbols: Sequence[str]) -> sp.csr_matrix:
-    """Cells over ``from_symbols`` columns -> cells over ``to_symbols`` columns (missing genes are zero).
-    A symbol that occurs twice in the target keeps its first column."""
-    target: dict[str, int] = {}
-    for i, s in enumerate(to_symbols):
-        target.setdefault(str(s), i)
-    col_map = np.fromiter((target.get(str(s), -1) for s in from_symbols), dtype=np.int64, count=len(from_symbols))
+    """Cells over ``from_symbols`` columns -> cells over ``to_symbols`` columns (missing genes are zero)."""
+    return remap_with(csr, column_map(from_symbols, to_symbols), len(to_symbols))
+
+
+def remap_with(csr: sp.csr_matrix, col_map: np.ndarray, n_to: int) -> sp.csr_matrix:
+    """``remap_columns`` with the column map computed once (``column_map``)."""
     csr = sp.csr_matrix(csr)
     new_idx = col_map[csr.indices]
     keep = new_idx >= 0
     counts = np.add.reduceat(keep.astype(np.int64), csr.indptr[:-1]) if csr.nnz else np.zeros(csr.shape[0], np.int64)
     counts[np.diff(csr.indptr) == 0] = 0  # reduceat repeats the next value for empty rows
     indptr = np.concatenate([[0], np.cumsum(counts)])
-    out = sp.csr_matrix((csr.data[keep], new_idx[keep], indptr), shape=(csr.shape[0], len(to_symbols)))
+    out = sp.csr_matrix((csr.data[keep], new_idx[keep], indptr), shape=(csr.shape[0], n_to))
     out.sum_duplicates()
     return out
 
@@ -389,7 +398,7 @@ class _PredictActor:
 
             check_actor_device(device)
             self.model = LoadedModel(version_dir, device, getattr(torch, dtype) if dtype else None, batch_tokens)
-            self.col_map_symbols = store_symbols
+            self.col_map = column_map(store_symbols, self.model.vocabulary)  # once, not per batch
         except UserError as err:
             self.error = err
 
@@ -408,7 +417,7 @@ class _PredictActor:
                  np.concatenate(gi).astype(np.int64) if gi else np.zeros(0, np.int64), indptr),
                 shape=(len(gi), self.n_store_genes),
             )
-            feats = m.model.transform(remap_columns(csr, self.col_map_symbols, m.vocabulary))  # type: ignore[attr-defined]
+            feats = m.model.transform(remap_with(csr, self.col_map, len(m.vocabulary)))  # type: ignore[attr-defined]
         out: dict[str, Any] = {"cell_id": batch["cell_id"], "p_sensitive": m.head_proba(feats)}
         if self.want:
             out["features"] = feats.astype(np.float32)

@@ -46,7 +46,7 @@ def test_registry_defaults() -> None:
     pca, hvg = get_model("pca-logreg"), get_model("hvg-mlp")
     assert isinstance(pca, FittedFeatureModel) and pca.default_head == "logreg"
     assert isinstance(hvg, FittedFeatureModel) and hvg.default_head == "mlp"
-    assert pca.options == {"n_components": 50, "target_sum": 1e4, "normalize": "auto"}
+    assert pca.options == {"n_components": 50, "target_sum": 1e4, "normalize": "auto", "fit_cells": 200_000}
     assert hvg.options["n_top_genes"] == 2000
     with pytest.raises(UserError, match=r"has no option\(s\) n_pcs"):
         get_model("pca-logreg", {"n_pcs": 10})
@@ -237,3 +237,31 @@ def test_real_scad_data_obsm_and_pca(shared_dir: Path, tmp_path: Path) -> None:
     head = make_head("logreg")
     head.fit(feats[fold.train], y[fold.train], feats[fold.val], y[fold.val], seed=0)
     assert compute_metrics(y[fold.test], head.predict_proba(feats[fold.test]))["auroc"] > 0.8
+
+
+def test_atlas_sized_fold_fits_on_a_stated_subsample(tmp_path: Path) -> None:
+    """`fit_cells` caps the cells the featurizer is fitted on (seeded), every cell is still transformed, shard
+    by shard, and the features equal an unchunked transform."""
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
+    from scdrugmap_ray.engine.data.simulate import simulate_h5ad
+    from scdrugmap_ray.engine.data.splits import pooled_folds
+    from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.train.frozen import fit_subsample, fold_features
+
+    simulate_h5ad(tmp_path / "s.h5ad", n_cells=600, n_datasets=2, samples_per_dataset=2, effect=1.0, seed=0,
+                  n_genes=200, progress=False)
+    convert_h5ad(tmp_path / "s.h5ad", tmp_path / "st", ConvertOptions(label_key="response", dataset_key="dataset",
+                 sample_key="sample", shard_cells=130), progress=False)
+    store = CellStore.open(tmp_path / "st")
+    fold = pooled_folds(store.obs(), 2, "cell", seed=0)[0]
+    model = get_model("pca-logreg", {"n_components": 5, "fit_cells": 100})
+    x_train, x_val, x_test = fold_features(model, store, fold, 0, None)
+    assert x_val.shape == (len(fold.val), 5)
+    assert x_train.shape == (len(fold.train), 5) and x_test.shape == (len(fold.test), 5)
+    sub = fit_subsample(fold.train, 100, 0)
+    assert len(sub) == 100 and set(sub) <= set(fold.train) and np.array_equal(sub, fit_subsample(fold.train, 100, 0))
+    ref = get_model("pca-logreg", {"n_components": 5})
+    ref.fit(store.read_csr(sub), store.genes, 0)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(x_test, ref.transform(store.read_csr(fold.test)), atol=1e-4)  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match="fit_cells"):
+        get_model("hvg-mlp", {"fit_cells": "many"})
