@@ -511,10 +511,10 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
     model = get_model(unit.model.name, unit.model.options)
     emb = None
     if isinstance(model, EmbeddingModel) and unit.strategy == "frozen":
-        from scdrugmap_ray.engine.pipeline.embed import read_embeddings
+        from scdrugmap_ray.engine.pipeline.embed import DONE, read_embeddings
 
         path = embedding_path(cache, store, model.identity())
-        emb = read_embeddings(path) if path.exists() else model.embed_store(store)
+        emb = read_embeddings(path) if (path / DONE).exists() else model.embed_store(store)
     attributable = unit.strategy in ("frozen", "lora") and (isinstance(model, FittedFeatureModel) or (
         isinstance(model, FoundationModel) and supports(model.name, opts.method)))
     notes: list[str] = []
