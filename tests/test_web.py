@@ -54,6 +54,9 @@ def test_upload_predict_and_see_the_result(ray_session: None, browser: Any, tmp_
     key.send_keys(Keys.TAB)  # change event: the page lists the models with the key
     wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 1)
     assert Select(b.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "pca-sim@1"
+    # the key lives for this tab only (sessionStorage), never in localStorage
+    assert b.execute_script("return sessionStorage.getItem('scdrugmap-api-key')") == API_KEY
+    assert b.execute_script("return localStorage.length") == 0
 
     b.find_element(By.ID, "file").send_keys(str(app["h5ad"]))
     b.find_element(By.ID, "submit").click()
@@ -84,12 +87,17 @@ def test_upload_predict_and_see_the_result(ray_session: None, browser: Any, tmp_
     assert first[1].text == f"{api['cells'][0]['p_sensitive']:.4f}"
     assert first[2].text == api["cells"][0]["label"]
 
-    # the CSV download is built in the page: check its text without a download directory
-    csv = b.execute_script(
-        "return ['cell_id,p_sensitive,label'].concat(lastResult.cells.map(c => [c.cell_id, c.p_sensitive, c.label]"
-        ".join(','))).join('\\n');")
+    # the CSV download is built in the page: check its text (the page's own function) without a download
+    csv = b.execute_script("return csvText(lastResult.cells);")
     c0 = api["cells"][0]
     assert csv.splitlines()[1] == f"{c0['cell_id']},{c0['p_sensitive']},{c0['label']}"
+    assert len(csv.splitlines()) == s["n_cells"] + 1
+    # a cell id a spreadsheet would run as a formula stays text
+    evil = b.execute_script("""return csvText([{cell_id: '=HYPERLINK("http://x","y")', p_sensitive: 0.5, label: 'ok'},
+                                               {cell_id: '+1', p_sensitive: 0.1, label: '@SUM(A1)'},
+                                               {cell_id: '-2', p_sensitive: 0.2, label: 'a,b'}]);""")
+    assert evil.splitlines()[1:] == ['"\'=HYPERLINK(""http://x"",""y"")",0.5,ok', "'+1,0.1,'@SUM(A1)",
+                                     "'-2,0.2,\"a,b\""]
     b.find_element(By.ID, "download").click()  # must not throw in the page
 
     shot = tmp_path / "web-page.png"
@@ -100,6 +108,22 @@ def test_upload_predict_and_see_the_result(ray_session: None, browser: Any, tmp_
         shutil.copy(shot, Path(out) / shot.name)
 
 
+def test_docs_render_offline(ray_session: None, browser: Any) -> None:
+    """/docs is Swagger UI from the server's own files (this Chromium has no internet) under the page's CSP."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = served()
+    browser.get(app["url"] + "/docs")
+    WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".swagger-ui .info .title"),
+                                                                      "scdrugmap-ray"))
+    paths = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+    assert "/v1/predict" in paths and "/readyz" in paths
+    scripts = browser.execute_script("return [...document.scripts].map(s => s.src)")
+    assert scripts and all(src.startswith(app["url"] + "/static/") for src in scripts)
+
+
 def test_bad_upload_shows_the_message(ray_session: None, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -108,7 +132,7 @@ def test_bad_upload_shows_the_message(ray_session: None, browser: Any, tmp_path:
     app = served()
     bad = tmp_path / "bad.h5ad"
     bad.write_text("not an h5ad")
-    browser.get(app["url"] + "/")  # the key typed before is remembered by the page (localStorage)
+    browser.get(app["url"] + "/")  # the key typed before is remembered by this tab (sessionStorage)
     WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 1)
     browser.find_element(By.ID, "file").send_keys(str(bad))
     browser.find_element(By.ID, "submit").click()
