@@ -420,7 +420,8 @@ def _upstream_transcriptome_tokenizer() -> type:
 
     spec = importlib.util.find_spec("helical")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("helical 2.2.0 is not installed: pip install --no-deps helical==2.2.0 (see pyproject.toml [dev])")
+        pytest.fail("helical 2.2.0 is not installed: pip install --no-deps helical==2.2.0 "
+                    "(tools/install.sh --dev, i.e. make install, does it)")
     assert importlib.metadata.version("helical") == "2.2.0"
     src = Path(next(iter(spec.submodule_search_locations))) / "models/geneformer/geneformer_tokenizer.py"
     names = {"rank_genes", "tokenize_cell", "sum_ensembl_ids", "TranscriptomeTokenizer"}

@@ -574,7 +574,8 @@ def _upstream_scgpt(draws: list[np.random.Generator]) -> SimpleNamespace:
 
     spec = importlib.util.find_spec("scgpt")
     if spec is None or not spec.submodule_search_locations:
-        pytest.fail("scgpt 0.2.4 is not installed: pip install --no-deps scgpt==0.2.4 (see pyproject.toml [dev])")
+        pytest.fail("scgpt 0.2.4 is not installed: pip install --no-deps scgpt==0.2.4 "
+                    "(tools/install.sh --dev, i.e. make install, does it)")
     assert importlib.metadata.version("scgpt") == "0.2.4"
     root = Path(next(iter(spec.submodule_search_locations)))
     for name, path in (("_scgpt_upstream", root), ("_scgpt_upstream.model", root / "model")):

@@ -44,6 +44,10 @@ if [ -n "$torch_index" ]; then index_args=(--index-url "$torch_index"); fi
 # The pinned torch first, so nothing pulls another build (on CPU machines a multi-GB CUDA one).
 "$py" -m pip install -q "${index_args[@]}" torch==2.13.0
 "$py" -m pip install -q -e ".${extras:+[$extras]}"
+if [ -n "$extras" ]; then
+  # parity-test references whose own requirements cannot be resolved beside torch 2.13 (see pyproject.toml)
+  "$py" -m pip install -q --no-deps scgpt==0.2.4 helical==2.2.0
+fi
 if [ "$variant" = cuda ]; then
   # GPU machines: vLLM from PyPI beside the CUDA torch.
   "$py" -m pip install -q -e '.[llm]'
