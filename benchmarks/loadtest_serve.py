@@ -1,48 +1,125 @@
-"""Load test of the server on 127.0.0.1: start Ray Serve with a small registry model, then N concurrent
-clients send a fixed number of POST /v1/predict requests (JSON cells); print requests/s, p50/p99 latency,
-errors, and cells not answered (target: 0 and 0). Bounded in count (--requests) and time (--timeout).
+"""Load test of the server on 127.0.0.1 at 1x, 2x and 4x its measured capacity: start Ray Serve (its own local
+Ray) with a small registry model, measure the unloaded latency (1 client) and the capacity (closed loop,
+``--capacity-clients``), then offer open-loop load (requests arrive at a fixed rate, whatever the answers) at
+each multiple of that capacity for ``--duration`` seconds. Per phase it prints: offered and answered req/s,
+p50/p99 of the accepted requests, the shed fraction (503/429, each with Retry-After) and how fast the shed
+answers came, errors (any other outcome: target 0), cells not answered (target 0), the worst /healthz
+latency seen by a probe during the phase, and the server's RSS before and 5 s after.
 
-    .venv/bin/python benchmarks/loadtest_serve.py [--clients 16] [--requests 400] [--cells-per-request 16]
+    .venv/bin/python benchmarks/loadtest_serve.py [--cells-per-request 100] [--duration 20] [--multipliers 1,2,4]
 
-Against a server already running elsewhere: ``scdrugmap-ray bench serve --url ... --model ... --data ...``.
+Against a server already running elsewhere (closed loop): ``scdrugmap-ray bench serve --url ... --model ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
+
+log = logging.getLogger("loadtest_serve")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HealthProbe:
+    """GET /healthz every 0.2 s in a thread; keeps the worst latency (or a failure) while it runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.worst, self.failures = url, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=30) as c:
+            while not self._stop.wait(0.2):
+                t0 = time.perf_counter()
+                try:
+                    ok = c.get(self.url + "/healthz").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.worst = max(self.worst, time.perf_counter() - t0)
+                self.failures += not ok
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--cells-per-request", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=300.0)
-    ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--cells-per-request", type=int, default=100)
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of open-loop load per multiple")
+    ap.add_argument("--multipliers", default="1,2,4")
+    ap.add_argument("--capacity-clients", type=int, default=8)
+    ap.add_argument("--capacity-requests", type=int, default=80)
+    ap.add_argument("--replicas", type=int, default=2, help="predictor replicas")
+    ap.add_argument("--ingress-replicas", type=int, default=2)
+    ap.add_argument("--replica-cpus", type=float, default=0.5)
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-queue-wait", type=float, default=0.5)
     ap.add_argument("--model", default="pca-logreg")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import ray
     from scdrugmap_ray.serve.app import ServeConfig, run_app
-    from scdrugmap_ray.serve.bench import demo_registry, load_test
+    from scdrugmap_ray.serve.bench import _predicted_cells, demo_registry, drive, open_loop, request_bodies, server_rss
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="scdrugmap-loadtest-"))
     _, registry = demo_registry(work, 6000, 1000, args.model)
-    ray.init(include_dashboard=False, configure_logging=False, logging_level=logging.WARNING, log_to_driver=False)
-    port = 8765
+    # its own local Ray, never a cluster that happens to run on this machine
+    ray.init(address="local", include_dashboard=False, configure_logging=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    port = _free_port()
     cfg = ServeConfig(registry=str(registry), min_replicas=args.replicas, max_replicas=args.replicas,
-                      max_batch_size=args.max_batch_size, replica_cpus=0.5)
+                      ingress_replicas=args.ingress_replicas, max_batch_size=args.max_batch_size,
+                      replica_cpus=args.replica_cpus, max_queue_wait_s=args.max_queue_wait)
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"
-    load_test(url, "bench", work / "sim.h5ad", clients=2, n_requests=4, cells_per_request=2)  # warm-up: model load
-    res = load_test(url, "bench", work / "sim.h5ad", clients=args.clients, n_requests=args.requests,
-                    cells_per_request=args.cells_per_request, timeout_s=args.timeout)
-    print(res.line(), flush=True)
+    bodies = request_bodies(work / "sim.h5ad", "bench", 300, args.cells_per_request)
+    drive(url, "/v1/predict", bodies[:8], _predicted_cells, clients=2, timeout_s=120)  # warm-up: model load
+    time.sleep(3)
+    rss0 = server_rss()
+    unloaded = drive(url, "/v1/predict", bodies[:30], _predicted_cells, clients=1, timeout_s=120, label="unloaded")
+    log.info("%s", unloaded.line())
+    cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], _predicted_cells, clients=args.capacity_clients,
+                timeout_s=300, label="capacity", shed_ok=True)
+    capacity = cap.ok / cap.seconds
+    log.info("%s -> capacity %.1f req/s", cap.line(), capacity)
+    for mult in (float(m) for m in args.multipliers.split(",")):
+        before = server_rss()
+        with HealthProbe(url) as probe:
+            res = open_loop(url, "/v1/predict", bodies, _predicted_cells, rate=mult * capacity,
+                            duration_s=args.duration, timeout_s=60, label=f"{mult:g}x")
+        time.sleep(5)
+        after = server_rss()
+        shed_fast = sum(t < 1.0 for t in res.shed_latencies) / max(res.shed, 1)
+        log.info("%sx offered_rps=%.1f ok_rps=%.1f p50_ms=%.0f p99_ms=%.0f shed_fraction=%.3f shed_p99_ms=%.0f "
+                 "shed_within_1s=%.2f retry_after_missing=%d errors=%d cells_missing=%d statuses=%s "
+                 "healthz_worst_ms=%.0f healthz_failures=%d rss_mb_before=%.0f rss_mb_after=%.0f", f"{mult:g}",
+                 res.requests / args.duration, res.ok / res.seconds, res.p(50), res.p(99),
+                 res.shed / max(res.requests, 1), res.p(99, shed=True), shed_fast, res.retry_after_missing,
+                 res.errors, res.missing, dict(sorted(res.statuses.items())), probe.worst * 1000, probe.failures,
+                 before / 2**20, after / 2**20)
+    log.info("server RSS at start %.0f MB, at the end %.0f MB; unloaded p99 %.0f ms", rss0 / 2**20,
+             server_rss() / 2**20, unloaded.p(99))
     ray.shutdown()
 
 
