@@ -1,5 +1,7 @@
 """Reading weight files safely: ``torch.load(weights_only=True)`` (memory-mapped for zip archives) or
-safetensors, never arbitrary pickles. Every failure is one UserError naming the file."""
+safetensors, never arbitrary pickles. Every failure is one UserError naming the file. ``check_state`` is
+the one loading rule of every model: the embedding path's tensors strict, the heads a released file
+carries beside them skipped and named in one log line, anything else an error."""
 
 from __future__ import annotations
 
