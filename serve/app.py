@@ -205,7 +205,8 @@ def _one_line(err: ValidationError) -> str:
     return f"{where or 'body'}: {msg}{more}"
 
 
-def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] = ()) -> Cells:
+def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] = (),
+                     default_model: str | None = None) -> Cells:
     """JSON cells (``PredictRequest``) from the raw body: strict types, no duplicated keys, no NaN; CPU work
     (runs in a thread of a predictor replica)."""
     import scipy.sparse as sp
@@ -222,6 +223,8 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
     if not isinstance(body, dict):
         raise RequestError(422, "the JSON body must be an object with 'model' and 'cells'")
     extra = {k: body.pop(k) for k in extra_fields if k in body}
+    if default_model is not None:
+        body.setdefault("model", default_model)
     cells = body.get("cells")
     if isinstance(cells, list) and len(cells) > max_cells:
         raise RequestError(413, f"{len(cells)} cells in one request; at most {max_cells}")
@@ -883,7 +886,8 @@ def build_app(cfg: ServeConfig) -> Any:
             req = await self._request(request, features=True)
             top_k: Any = DEFAULT_TOP_K
             if req["kind"] == "json":
-                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells, ("top_k",))
+                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells, ("top_k",),
+                                                cfg.llm_name)
                 model_ref, ids, csr, genes = cells.model, cells.ids, cells.csr, cells.genes
                 top_k = cells.extra.get("top_k", DEFAULT_TOP_K)
             else:
