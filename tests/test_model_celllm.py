@@ -201,7 +201,18 @@ def test_real_preset_is_the_released_architecture() -> None:
     assert CellLMModel(preset="celllm").presets["celllm"]["max_seq_len"] == 6000
 
 
-def test_strict_loading(tiny_dir: Path, tmp_path: Path) -> None:
+def test_strict_loading(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    # the LM head is skipped and named in one log line; a file without it loads too (issue 15)
+    with caplog.at_level(logging.INFO, logger="scdrugmap_ray.engine.models.checkpoint"):
+        get_model("celllm", {"checkpoint": str(tiny_dir)}).load()  # type: ignore[attr-defined]
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "to_out.bias, to_out.weight" in lines[0]
+    no_head = _rewrite(tiny_dir, tmp_path / "no_head",
+                       lambda o: [o["model_state_dict"].pop(k) for k in ("to_out.weight", "to_out.bias")])
+    get_model("celllm", {"checkpoint": str(no_head)}).load()  # type: ignore[attr-defined]
+
     key = "performer.net.layers.1.0.fn.to_k.weight"
     msg = _load_error(_rewrite(tiny_dir, tmp_path / "missing", lambda o: o["model_state_dict"].pop(key)))
     assert "missing keys" in msg and key in msg

@@ -248,6 +248,10 @@ def test_strict_loading(tiny_dir: Path, tmp_path: Path) -> None:
     layer0 = "transformer_encoder.layers.0."
     msg = _load_error(edit("layer", lambda s: [s.pop(k) for k in list(s) if k.startswith(layer0)]))
     assert "transformer_encoder.layers.0." in msg
+    # the binary decoder (pretraining loss only) is skipped when there and not needed when absent (issue 15)
+    unused = ("binary_decoder.", "gene_embedding_layer.")
+    get_model("uce", {"checkpoint": str(edit("no_heads", lambda s: [s.pop(k) for k in list(s)
+                                                                     if k.startswith(unused)]))}).load()  # type: ignore[attr-defined]
 
     d = _copy(tiny_dir, tmp_path / "truncated")
     data = (d / model_file).read_bytes()
