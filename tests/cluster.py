@@ -24,15 +24,20 @@ import psutil
 VENV_BIN = Path(sys.executable).parent
 
 
+_HANDED_OUT: set[int] = set()  # nodes start slowly: a port freed here is not bound by its node yet
+
+
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
+    """``n`` distinct free ports, none handed out before in this process."""
+    ports: list[int] = []
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
+        port = s.getsockname()[1]
         s.close()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            ports.append(port)
     return ports
 
 
@@ -80,6 +85,8 @@ class LocalCluster:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         proc = self._start(args, f"worker{len(self.nodes)}")
+        # one node at a time: nodes on one host pick their socket and log names from what the session
+        # folder holds, and two starting together pick the same ones
         self.wait_for_nodes(sum(1 for p in self.nodes if p.poll() is None))
         return proc
 
@@ -92,15 +99,20 @@ class LocalCluster:
                     p.kill()
         proc.wait(timeout=30)
 
-    def nodes_info(self) -> list[dict]:
-        """ray.nodes() as seen by a fresh driver."""
+    def nodes_info(self, attempts: int = 3) -> list[dict]:
+        """ray.nodes() as seen by a fresh driver (retried: on a loaded machine the GCS can be slow to answer)."""
         code = "import json, ray; ray.init(); print(json.dumps(ray.nodes()))"
-        out = subprocess.run([sys.executable, "-c", code], env=ray_env(self.address), capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        err = ""
+        for _ in range(attempts):
+            out = subprocess.run([sys.executable, "-c", code], env=ray_env(self.address), capture_output=True,
+                                 text=True, timeout=180)
+            if out.returncode == 0:
+                return json.loads(out.stdout.strip().splitlines()[-1])
+            err = out.stderr[-2000:]
+            time.sleep(2)
+        raise AssertionError(f"no driver could connect to {self.address}: {err}")
 
-    def wait_for_nodes(self, n: int, timeout_s: float = 120) -> None:
+    def wait_for_nodes(self, n: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if sum(1 for node in self.nodes_info() if node["Alive"]) >= n:
