@@ -223,6 +223,8 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
     if not isinstance(body, dict):
         raise RequestError(422, "the JSON body must be an object with 'model' and 'cells'")
     extra = {k: body.pop(k) for k in extra_fields if k in body}
+    if body.get("cells") == []:
+        raise RequestError(422, "'cells' must be a non-empty list of {cell_id, expression: {gene: value}}")
     if default_model is not None:
         body.setdefault("model", default_model)
     cells = body.get("cells")

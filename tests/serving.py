@@ -67,9 +67,10 @@ def served() -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="scdrugmap-serve-test-"))
     data = build_registry(root)
     port = free_port()
-    # two predictor and two ingress replicas: the fault tests kill one of each
+    # two predictor and two ingress replicas: the fault tests kill one of each (0.5 CPU in all: the LLM
+    # tests deploy their engines beside this app in the session's 2 CPUs)
     cfg = ServeConfig(registry=str(data["registry"]), api_key=API_KEY, max_upload_bytes=MAX_UPLOAD, max_cells=5000,
-                      max_json_cells=MAX_JSON_CELLS, replica_cpus=0.5, min_replicas=2, max_replicas=2,
+                      max_json_cells=MAX_JSON_CELLS, replica_cpus=0.25, min_replicas=2, max_replicas=2,
                       ingress_replicas=2, max_batch_size=4, batch_wait_timeout_s=0.005, max_queue_wait_s=2.0)
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"

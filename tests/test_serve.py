@@ -127,7 +127,7 @@ _DEEP = b'{"model": "pca-sim", "cells": ' + b"[" * 100_000 + b"]" * 100_000 + b"
 MALFORMED: list[tuple[Any, int, str]] = [
         ({"model": "pca-sim", "cells": _cells({"NOT_A_GENE": 3})}, 422, "none of the"),
         ({"model": "pca-sim", "cells": _cells({"NOT_A_GENE": 3, "@G0": 1})}, 422, "none of the"),
-        ({"model": "pca-sim", "cells": []}, 422, "at least 1 item"),
+        ({"model": "pca-sim", "cells": []}, 422, "non-empty list"),
         ({"model": "pca-sim", "cells": _cells({"X": -1})}, 422, "not a number in [0, 2**53)"),
         ({"model": "pca-sim", "cells": _cells({"X": 2**64})}, 422, "not a number in [0, 2**53)"),  # was a 500
         ({"model": "pca-sim", "cells": _cells({"X": "3"})}, 422, "expression.X: Input should be a number"),
