@@ -95,6 +95,7 @@ def predict(
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when the cluster has GPUs.")] = None,
     actor_resource: Annotated[list[str] | None, typer.Option(
         "--actor-resource", help="A Ray resource every predictor actor needs, NAME=AMOUNT (repeatable).")] = None,
+    batch_cells: Annotated[int, typer.Option(min=1, help="Cells per predictor call (memory per actor).")] = 4096,
     layer: Annotated[str | None, typer.Option(help="Read this layer of the .h5ad instead of X.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     submit: Annotated[bool, typer.Option("--submit", help="Run as a Ray job on the cluster whose dashboard is "
@@ -121,7 +122,7 @@ def predict(
     from scdrugmap_ray.engine.runtime import parse_resources
 
     stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors,
-                          device=device, actor_resources=parse_resources(actor_resource))
+                          device=device, actor_resources=parse_resources(actor_resource), block_cells=batch_cells)
     info = json.loads((version_dir / "model.json").read_text())
     if info.get("random_weights"):
         _say("WARNING: RANDOM WEIGHTS (not pretrained): predictions mean nothing")

@@ -476,7 +476,8 @@ def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = Fal
         _PredictActor,
         fn_constructor_args=(str(version_dir), store_symbols, plan.device, dtype, batch_tokens, want_features,
                              plan.cpu_threads),
-        batch_size=block_cells if not want_features else 1024, batch_format="numpy", **plan.map_kwargs(),
+        batch_size=block_cells if not want_features else min(block_cells, 1024), batch_format="numpy",
+        **plan.map_kwargs(),
     )
     with user_errors():
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -484,7 +485,7 @@ def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = Fal
 
 def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool = False,
                   source_h5ad: Path | None = None, num_actors: int | None = None, device: str | None = None,
-                  actor_resources: dict[str, float] | None = None) -> PredictStats:
+                  actor_resources: dict[str, float] | None = None, block_cells: int = 4096) -> PredictStats:
     """Predict every cell of ``store`` and write ``out``: Parquet (cell_id, p_sensitive, label[, embedding]) or
     .h5ad (a copy of ``source_h5ad`` with ``obs`` columns ``scdrugmap_p_sensitive`` / ``scdrugmap_label`` and,
     with ``embeddings``, ``obsm['X_scdrugmap']``). Memory is bounded by Ray Data blocks, except for one float
@@ -498,7 +499,7 @@ def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool 
                         ".h5ad of this cell store is not available; write .parquet instead")
     t0 = time.perf_counter()
     batches = iter_predictions(Path(version_dir), store, want_features=embeddings, num_actors=num_actors,
-                               device=device, actor_resources=actor_resources)
+                               device=device, actor_resources=actor_resources, block_cells=block_cells)
     if suffix == ".parquet":
         stats = _write_parquet(batches, out, embeddings)
     else:

@@ -124,7 +124,7 @@ def test_actors_on_accelerator_workers_survive_a_killed_node(cluster: LocalClust
     registry = _register_geneformer_model(tmp_path, cells)
     preds = tmp_path / "preds.parquet"
     proc = subprocess.Popen([CLI, "predict", str(store), "--model", "gf", "--registry", str(registry),
-                             "--out", str(preds), "--actor-resource", "accelerator=1"],
+                             "--out", str(preds), "--actor-resource", "accelerator=1", "--batch-cells", "50"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for((tmp_path, ".preds.parquet.tmp-*"), proc)  # the writer has started: batches are flowing
     cluster.kill(cluster.nodes[1])
