@@ -397,7 +397,9 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix (e.g. /llm): the route's own path
+            path = path[len(root):] or "/"
         extra = _security_headers(path)
         if path == "/healthz":
             await _send_json(send, 200, None, {"status": "ok"}, extra)
