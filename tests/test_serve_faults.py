@@ -80,9 +80,10 @@ def test_ingress_replica_killed_under_load_leaves_the_service_up(app: dict[str, 
     res, back_s = _kill_under_load(app, "Ingress")
     # Ray's proxy does not retry a request whose ingress replica died after taking it: at most the requests
     # in flight on it at that moment (4 clients) fail; every other request, before and after, is a 200
-    # (the proxy answers those 500, or 408 when it gave up waiting on the dead replica)
-    lost = res.statuses.get(500, 0) + res.statuses.get(408, 0)
-    assert set(res.statuses) <= {200, 500, 408} and lost <= 4, (res.line(), res.statuses)
+    # (the proxy answers those 500, or 408 when it gave up waiting on the dead replica; measured runs also
+    # saw two 503s around the kill while the survivor took all the load): NOT the "zero 5xx"
+    lost = sum(n for code, n in res.statuses.items() if code != 200)
+    assert set(res.statuses) <= {200, 500, 408, 503} and lost <= 4, (res.line(), res.statuses)
     assert res.ok == 160 - lost and res.missing == 0, (res.line(), res.statuses)
     print(f"ingress replica replaced after {back_s:.1f} s")
     assert back_s < 60, f"ingress back after {back_s:.1f} s"
