@@ -113,8 +113,8 @@ def embedding_path(cache: Path, store: CellStore, model_identity: dict[str, Any]
 
 
 def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path, progress: bool = False) -> Path | None:
-    """Embed every cell of the store once (cached by store content x model identity); None for precomputed
-    (obsm) embeddings, which the fold tasks read from the store itself.
+    """Embed every cell of the store once (cached by store content x model identity); precomputed (obsm)
+    embeddings are copied from the store into the same layout, shard by shard.
 
     Foundation models stream through ``embed_to_dir``: their actors write the parts, the driver holds
     none of it, and an interrupted run resumes at the shards not yet written. It runs from the driver: the
@@ -122,12 +122,17 @@ def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path, progr
     task holding the resources it needs.
     """
     from scdrugmap_ray.engine.models.base import FoundationModel
+    from scdrugmap_ray.engine.models.baselines import ObsmEmbedding
+    from scdrugmap_ray.engine.pipeline.embed import obsm_to_dir
 
-    if not isinstance(model, FoundationModel):
-        return None
     path = embedding_path(cache, store, model.identity())
-    embed_to_dir(model, store, path, progress=progress)
-    return path
+    if isinstance(model, FoundationModel):
+        embed_to_dir(model, store, path, progress=progress)
+        return path
+    if isinstance(model, ObsmEmbedding):  # precomputed: the store's column, in the same layout
+        model.check_store(store)
+        return obsm_to_dir(store, model.key, path)
+    return None
 
 
 # --------------------------------------------------------------------------------------------- folds

@@ -109,7 +109,7 @@ def test_obsm_embeddings_as_a_model(shared_dir: Path, tmp_path: Path, ray_sessio
     res = pd.read_parquet(run_dir / "results.parquet")
     assert set(res["model"]) == {"obsm:X_scFoundation_50M_tgthighres4", "pca-logreg"}
     assert res["auroc"].min() > 0.8  # SCAD's tasks are easily separable (see ../shared/data/README.md)
-    assert list((tmp_path / "cache" / "embeddings").glob("*.parquet")), "embedding cached once"
+    assert list((tmp_path / "cache" / "embeddings").glob("*/_embedding.json")), "embedding cached once"
 
 
 def test_split_needing_two_classes_is_refused(shared_dir: Path, tmp_path: Path, ray_session: None) -> None:

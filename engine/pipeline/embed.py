@@ -465,6 +465,27 @@ def _embed_shards(model: FoundationModel, store: CellStore, tokenizer: CellToken
                     tokens, padded, seconds, plan.device, plan.max_actors, per_node)
 
 
+def obsm_to_dir(store: CellStore, key: str, out: str | Path) -> Path:
+    """Precomputed embeddings (the store's ``obsm.<key>`` column) in ``embed_to_dir``'s layout, written shard
+    by shard (memory: one shard), so fold tasks read their rows the same way. Nothing is recomputed when
+    the folder is finished."""
+    dest = location(out)
+    if dest.child(DONE).exists():
+        return Path(str(out))
+    dim = 0
+    for s, path in enumerate(store.shard_paths):
+        t = pq.read_table(path, columns=["cell_id", "row", f"obsm.{key}"])
+        emb = _embeddings_of(t.column(2))
+        if not np.isfinite(emb).all():
+            raise UserError(f"obsm {key!r} contains NaN or inf values; fix or drop those cells before converting")
+        dim = emb.shape[1]
+        dest.child(f"part-{s:05d}.parquet").write_table(
+            embedding_table(t.column("cell_id").to_numpy(zero_copy_only=False), t.column("row").to_numpy(), emb))
+    summary = {"obsm": key, "store": store.content_hash, "n_cells": store.n_cells, "dim": dim}
+    dest.child(DONE).write_text(json.dumps(summary, sort_keys=True, indent=2))
+    return Path(str(out))
+
+
 def _staged_counts(staging: Location, pieces: list[Any]) -> dict[int, int]:
     counts: dict[int, int] = {}
     for f in pieces:
