@@ -37,8 +37,8 @@ def test_all_eight_models_frozen_in_one_benchmark(ray_session: None, tmp_path: P
     assert set(res["model"]) == EIGHT
     assert res["random_weights"].all()
     assert np.isfinite(res["auroc"]).all() and res["n_test"].gt(0).all()
-    emb = list((tmp_path / "cache" / "embeddings").glob("*.parquet"))
-    assert len(emb) == 8  # one cached embedding per model, shared by its folds
+    emb = list((tmp_path / "cache" / "embeddings").glob("*/_embedding.json"))
+    assert len(emb) == 8  # one finished embedding folder per model, shared by its folds
     assert "RANDOM WEIGHTS" in (run_dir / "report.html").read_text().upper()
 
 
