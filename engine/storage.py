@@ -60,13 +60,13 @@ class Location:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
-    def write_table(self, table: pa.Table) -> None:
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
         """Write ``table`` as Parquet at this path, atomically (temporary sibling, then rename)."""
         parent, _, name = self.path.rpartition("/")
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            pq.write_table(table, tmp, filesystem=self.fs)
+            pq.write_table(table, tmp, filesystem=self.fs, row_group_size=row_group_size)
             self.fs.move(tmp, self.path)
         except BaseException:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:

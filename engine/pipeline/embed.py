@@ -480,7 +480,8 @@ def obsm_to_dir(store: CellStore, key: str, out: str | Path) -> Path:
             raise UserError(f"obsm {key!r} contains NaN or inf values; fix or drop those cells before converting")
         dim = emb.shape[1]
         dest.child(f"part-{s:05d}.parquet").write_table(
-            embedding_table(t.column("cell_id").to_numpy(zero_copy_only=False), t.column("row").to_numpy(), emb))
+            embedding_table(t.column("cell_id").to_numpy(zero_copy_only=False), t.column("row").to_numpy(), emb),
+            row_group_size=ROW_GROUP)
     summary = {"obsm": key, "store": store.content_hash, "n_cells": store.n_cells, "dim": dim}
     dest.child(DONE).write_text(json.dumps(summary, sort_keys=True, indent=2))
     return Path(str(out))
@@ -516,11 +517,7 @@ def _compact_shard(out: str, shard: int, expected: int) -> int:
         table = table.filter(pa.array(first))
     if table.num_rows != expected:
         raise RuntimeError(f"shard {shard}: {table.num_rows} embedded cells staged, {expected} expected")
-    part = dest.child(f"part-{shard:05d}.parquet")
-    parent, _, name = part.path.rpartition("/")
-    tmp = f"{parent}/.{name}.tmp"
-    pq.write_table(table, tmp, filesystem=dest.fs, row_group_size=ROW_GROUP)
-    dest.fs.move(tmp, part.path)
+    dest.child(f"part-{shard:05d}.parquet").write_table(table, row_group_size=ROW_GROUP)
     for f in pieces:
         staging.fs.delete_file(f.path)
     return int(table.schema.field("embedding").type.list_size)
