@@ -112,6 +112,17 @@ class LocalCluster:
             time.sleep(2)
         raise AssertionError(f"no driver could connect to {self.address}: {err}")
 
+    def wait_until_settled(self, timeout_s: float = 180) -> None:
+        """Until the GCS counts as alive exactly the nodes still running (a killed node is declared dead only
+        after missed heartbeats; until then Ray may still place work on it)."""
+        deadline = time.monotonic() + timeout_s
+        running = sum(1 for p in self.nodes if p.poll() is None)
+        while time.monotonic() < deadline:
+            if sum(1 for node in self.nodes_info() if node["Alive"]) == running:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"the cluster still counts killed nodes as alive after {timeout_s} s")
+
     def wait_for_nodes(self, n: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

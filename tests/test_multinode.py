@@ -50,7 +50,8 @@ def _env(cluster: LocalCluster, cache: Path) -> dict[str, str]:
     return {**ray_env(cluster.address), "SCDRUGMAP_RAY_CACHE": str(cache)}
 
 
-def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, n: int = 1, timeout_s: float = 300) -> None:
+def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, n: int = 1, timeout_s: float = 300,
+              poll_s: float = 0.2) -> None:
     folder, pattern = path_glob
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -59,7 +60,7 @@ def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, n: int = 1, t
         if proc.poll() is not None:
             _, err = proc.communicate()
             pytest.fail(f"finished before anything could be killed: rc={proc.returncode}\n{err[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(poll_s)
     pytest.fail(f"no {pattern} in {folder} after {timeout_s} s")
 
 
@@ -154,17 +155,18 @@ def _register_geneformer_model(tmp_path: Path, cells: object) -> Path:
 
 
 def test_killed_embed_resumes_without_recomputing(cluster: LocalCluster, store: Path, tmp_path: Path) -> None:
+    cluster.wait_until_settled()  # the nodes killed above are known dead before new work is placed
     env = _env(cluster, tmp_path / "cache")
     out = tmp_path / "emb"
     args = [CLI, "embed", str(store), "--model", "geneformer", "--preset", "tiny", "--batch-tokens", "4096",
             "--quiet", "--out"]
     proc = subprocess.Popen([*args, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    _wait_for((out, "part-*.parquet"), proc, n=2)
+    _wait_for((out, "part-*.parquet"), proc, n=1, poll_s=0.02)  # killed as soon as a first shard is whole
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    assert 2 <= len(written) < 8 and not (out / "_embedding.json").exists()
+    assert 1 <= len(written) < 8 and not (out / "_embedding.json").exists()
 
     text = _finish(subprocess.Popen([*args, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True))
