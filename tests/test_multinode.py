@@ -127,7 +127,9 @@ def test_actors_on_accelerator_workers_survive_a_killed_node(cluster: LocalClust
     proc = subprocess.Popen([CLI, "predict", str(store), "--model", "gf", "--registry", str(registry),
                              "--out", str(preds), "--actor-resource", "accelerator=1", "--batch-cells", "50"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for((tmp_path, ".preds.parquet.tmp-*"), proc)  # the writer has started: batches are flowing
+    # the writer has started: batches are flowing (on an idle machine the predictions of 1,200 cells take
+    # well under a second once the actors are up, hence the fine polling)
+    _wait_for((tmp_path, ".preds.parquet.tmp-*"), proc, poll_s=0.005)
     cluster.kill(cluster.nodes[1])
     _finish(proc)
     got = pd.read_parquet(preds)
