@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PACKAGE = "scdrugmap_ray"
 SUBPACKAGES = ("engine", "jobs", "serve", "cli")
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+AGENT_WAIT_S = 60.0  # how long a submission waits for a starting head's job agent
 
 
 # ------------------------------------------------------------------------------------------- client
@@ -75,23 +76,31 @@ def _client(address: str) -> Any:
 
 
 def _call(address: str, job_id: str | None, fn: Any, *args: Any) -> Any:
-    """Run one Jobs API call; turn a lost connection, a refused token or an unknown job id into a UserError."""
+    """Run one Jobs API call; turn a lost connection, a refused token or an unknown job id into a UserError.
+    A head that has just started (or is busy) answers "No available agent" until its job agent is up: the
+    call is retried for up to AGENT_WAIT_S."""
     import requests
     from ray.exceptions import AuthenticationError
 
-    try:
-        return fn(*args)
-    except (ConnectionError, requests.exceptions.ConnectionError) as err:
-        raise _unreachable(_normalise(address)) from err
-    except AuthenticationError as err:
-        raise _unauthorised(_normalise(address)) from err
-    except RuntimeError as err:
-        if job_id is not None and ("404" in str(err) or "does not exist" in str(err)):
-            raise UserError(
-                f"no job {job_id!r} on the cluster at {_normalise(address)}; list jobs with "
-                f"`ray job list --address {_normalise(address)}`"
-            ) from err
-        raise
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return fn(*args)
+        except (ConnectionError, requests.exceptions.ConnectionError) as err:
+            raise _unreachable(_normalise(address)) from err
+        except AuthenticationError as err:
+            raise _unauthorised(_normalise(address)) from err
+        except RuntimeError as err:
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                log.info("the cluster's job agent is not up yet; retrying")
+                time.sleep(2)
+                continue
+            if job_id is not None and ("404" in str(err) or "does not exist" in str(err)):
+                raise UserError(
+                    f"no job {job_id!r} on the cluster at {_normalise(address)}; list jobs with "
+                    f"`ray job list --address {_normalise(address)}`"
+                ) from err
+            raise
 
 
 # ---------------------------------------------------------------------------------------- staging
