@@ -210,7 +210,7 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
     """JSON cells (``PredictRequest``) from the raw body: strict types, no duplicated keys, no NaN; CPU work
     (runs in a thread of a predictor replica)."""
     import scipy.sparse as sp
-    from scdrugmap_ray.engine.registry import _genes_frame
+    from scdrugmap_ray.engine.registry import genes_frame
 
     try:
         body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
@@ -256,7 +256,7 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
         raise RequestError(422, "no cell has any non-zero gene value")
     csr = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr)),
                         shape=(len(ids), len(gene_pos)))
-    return Cells(req.model, ids, csr, _genes_frame(list(gene_pos)), req.ignore_unknown_genes, req.embedding_2d,
+    return Cells(req.model, ids, csr, genes_frame(list(gene_pos)), req.ignore_unknown_genes, req.embedding_2d,
                  extra=extra)
 
 
