@@ -158,10 +158,10 @@ def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, em
     command += ["--actors", str(actors)] if actors else []
     command += ["--layer", layer] if layer else []
     command += ["--overwrite"] if overwrite else []
-    client = jobs_submit._client(address)
+    client = jobs_submit.job_client(address)
     with tempfile.TemporaryDirectory(prefix="scdrugmap-submit-") as tmp:
         package = jobs_submit.stage_package(Path(tmp) / "stage")
-        return str(jobs_submit._call(address, None, lambda: client.submit_job(
+        return str(jobs_submit.call_jobs_api(address, None, lambda: client.submit_job(
             entrypoint=shlex.join(command), runtime_env={"py_modules": [str(package)], "env_vars": env},
             metadata={"tool": "scdrugmap-ray", "command": "predict"})))
 

@@ -61,7 +61,9 @@ def _unauthorised(address: str) -> UserError:
     )
 
 
-def _client(address: str) -> Any:
+def job_client(address: str) -> Any:
+    """A Ray Jobs API client of the cluster at ``address``; an unreachable head or a refused token is a
+    UserError (one line). Public: ``predict --submit`` uses it too."""
     import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -75,7 +77,7 @@ def _client(address: str) -> Any:
         raise _unauthorised(address) from err
 
 
-def _call(address: str, job_id: str | None, fn: Any, *args: Any) -> Any:
+def call_jobs_api(address: str, job_id: str | None, fn: Any, *args: Any) -> Any:
     """Run one Jobs API call; turn a lost connection, a refused token or an unknown job id into a UserError.
     A head that has just started (or is busy) answers "No available agent" until its job agent is up: the
     call is retried for up to AGENT_WAIT_S."""
@@ -194,7 +196,7 @@ def submit(
         raise UserError(f"benchmark file {spec_path} not found")
     env = cluster_env(extra_env)
     _check_spec_paths(spec_path, out, env)
-    client = _client(address)
+    client = job_client(address)
 
     command = ["python", "-m", f"{PACKAGE}.cli.main", "run", "benchmark.yaml"]
     if out:
@@ -210,7 +212,7 @@ def submit(
         if env:
             runtime_env["env_vars"] = env
         # submit_job uploads the staged directories before it returns, so the temp dir can go after.
-        job_id = _call(
+        job_id = call_jobs_api(
             address,
             None,
             lambda: client.submit_job(
@@ -231,20 +233,20 @@ def submit(
 
 def status(address: str, job_id: str) -> str:
     """The job's status: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
-    client = _client(address)
-    return str(_call(address, job_id, client.get_job_status, job_id).value)
+    client = job_client(address)
+    return str(call_jobs_api(address, job_id, client.get_job_status, job_id).value)
 
 
 def logs(address: str, job_id: str) -> str:
     """Everything the job has printed so far."""
-    client = _client(address)
-    return str(_call(address, job_id, client.get_job_logs, job_id))
+    client = job_client(address)
+    return str(call_jobs_api(address, job_id, client.get_job_logs, job_id))
 
 
 def stop(address: str, job_id: str) -> bool:
     """Ask the job to stop; False when it had already finished."""
-    client = _client(address)
-    return bool(_call(address, job_id, client.stop_job, job_id))
+    client = job_client(address)
+    return bool(call_jobs_api(address, job_id, client.stop_job, job_id))
 
 
 def wait(address: str, job_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
@@ -253,10 +255,10 @@ def wait(address: str, job_id: str, timeout_s: float | None = None, poll_s: floa
 
 
 def _wait_for(address: str, job_id: str, timeout_s: float | None, poll_s: float = 2.0) -> str:
-    client = _client(address)
+    client = job_client(address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        current = str(_call(address, job_id, client.get_job_status, job_id).value)
+        current = str(call_jobs_api(address, job_id, client.get_job_status, job_id).value)
         if current in TERMINAL:
             return current
         if deadline is not None and time.monotonic() >= deadline:
