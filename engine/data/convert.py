@@ -238,13 +238,17 @@ def _strings_or_none(values: pd.Series) -> np.ndarray:
 
 
 def _gene_table(h: _H5ad, gene_key: str | None) -> tuple[pd.DataFrame, str, list[str]]:
-    """genes.parquet contents, the kind of the gene names, and warnings.
+    return genes_of_var(h.var, gene_key, str(h.src))
+
+
+def genes_of_var(var: pd.DataFrame, gene_key: str | None, source: str) -> tuple[pd.DataFrame, str, list[str]]:
+    """genes.parquet contents of an AnnData's ``var``, the kind of the gene names, and warnings (the
+    in-memory Python API builds the same table as convert).
 
     The names (``--gene-key`` column, else var_names) must be unique. Symbols come from the names when
     they are symbols, else from a symbol column of var (e.g. ``gene_symbol``), else from the mapping
     table; Ensembl IDs likewise from the names, an Ensembl column of var, or the mapping table.
     """
-    var = h.var
     warnings: list[str] = []
     if gene_key is not None:
         names = _obs_column(var, gene_key, "--gene-key", "var").astype(str).reset_index(drop=True)
@@ -253,7 +257,7 @@ def _gene_table(h: _H5ad, gene_key: str | None) -> tuple[pd.DataFrame, str, list
     dup = names[names.duplicated()].unique()
     if len(dup):
         raise UserError(
-            f"{h.src}: {len(dup)} duplicated gene name(s), e.g. {', '.join(map(str, dup[:5]))}; make them unique "
+            f"{source}: {len(dup)} duplicated gene name(s), e.g. {', '.join(map(str, dup[:5]))}; make them unique "
             "(adata.var_names_make_unique()) or pick another --gene-key"
         )
 
