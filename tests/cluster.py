@@ -101,14 +101,17 @@ class LocalCluster:
 
     def nodes_info(self, attempts: int = 3) -> list[dict]:
         """ray.nodes() as seen by a fresh driver (retried: on a loaded machine the GCS can be slow to answer)."""
-        code = "import json, ray; ray.init(); print(json.dumps(ray.nodes()))"
+        # marked: Ray itself may print to stdout (e.g. "raylet has lagging heartbeats") around our line
+        marker = "NODES_JSON="
+        code = f"import json, ray; ray.init(); print({marker!r} + json.dumps(ray.nodes()), flush=True)"
         err = ""
         for _ in range(attempts):
             out = subprocess.run([sys.executable, "-c", code], env=ray_env(self.address), capture_output=True,
                                  text=True, timeout=180)
-            if out.returncode == 0:
-                return json.loads(out.stdout.strip().splitlines()[-1])
-            err = out.stderr[-2000:]
+            lines = [line for line in out.stdout.splitlines() if line.startswith(marker)]
+            if out.returncode == 0 and lines:
+                return json.loads(lines[-1][len(marker):])
+            err = (out.stdout + out.stderr)[-2000:]
             time.sleep(2)
         raise AssertionError(f"no driver could connect to {self.address}: {err}")
 
