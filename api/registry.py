@@ -1,6 +1,6 @@
 """The trained-model registry: ``sdr.registry.Registry(root)`` lists, resolves and versions trained models
 (``<root>/<name>/<version>/``; default root ``$SCDRUGMAP_RAY_REGISTRY`` or
-``~/.local/share/scdrugmap-ray/models``). Register a trained unit of a run with ``register``."""
+``~/.local/share/scdrugmap-ray/models``). ``register`` turns a trained unit of a run into a new version."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ def register(run_dir: str | Path, name: str, *, unit: str | None = None, best: s
     from scdrugmap_ray.jobs.register import register_from_run
 
     return register_from_run(Path(run_dir), name, unit=unit, best=best, fold=fold, metric=metric,
-                             registry=Path(registry) if registry is not None else None,
-                             copy_checkpoint=copy_checkpoint)
+                             registry=registry, copy_checkpoint=copy_checkpoint)
 
 
 __all__ = ["Registry", "default_registry", "register"]

@@ -17,11 +17,12 @@ log = logging.getLogger("scdrugmap_ray")
 
 
 class _App(typer.Typer):
-    """Typer app that turns UserError (also from inside Ray tasks) into one line and exit status 2."""
+    """Typer app that turns UserError (also from inside Ray tasks) and bad command lines (an option out of
+    its range, a missing argument) into one line and exit status 2."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            rv = super().__call__(*args, standalone_mode=False, **kwargs)
         except UserError as err:
             cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
             message = str(cause) if isinstance(cause, UserError) else str(err).strip().splitlines()[-1]
@@ -30,6 +31,22 @@ class _App(typer.Typer):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as err:  # typer's (vendored) click errors: bad option values, missing arguments
+            name = type(err).__name__
+            if name == "NoArgsIsHelpError":
+                err.show()  # type: ignore[attr-defined]
+                sys.exit(2)
+            if name == "Abort":
+                typer.echo("aborted", err=True)
+                sys.exit(1)
+            code, fmt = getattr(err, "exit_code", None), getattr(err, "format_message", None)
+            if not (isinstance(code, int) and callable(fmt)):
+                raise
+            typer.echo(f"error: {fmt()}", err=True)
+            sys.exit(code)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # typer.Exit(code) in non-standalone mode
+            sys.exit(rv)
+        return rv
 
 
 app = _App(
@@ -45,9 +62,19 @@ bench_app = _App(help="Benchmarks of the engine that print figures.", no_args_is
 app.add_typer(bench_app, name="bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import scdrugmap_ray
+
+        typer.echo(f"scdrugmap-ray {scdrugmap_ray.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     from rich.logging import RichHandler
 
@@ -147,7 +174,7 @@ def convert(
     gene_key: GeneKey = None,
     obs_map: ObsMap = None,
     catalog: Catalog = None,
-    chunk_size: Annotated[int, typer.Option(help="Cells read per chunk (bounds memory).")] = 10000,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Cells read per chunk (bounds memory).")] = 10000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
     """Convert an AnnData .h5ad into a cell store (streaming, bounded memory)."""
@@ -235,29 +262,19 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run a benchmark on an embedded local Ray (or an existing cluster with --address)."""
-    from scdrugmap_ray.jobs.runner import run_benchmark
-    from scdrugmap_ray.jobs.spec import load_spec
+    import scdrugmap_ray as sdr
 
-    spec = load_spec(benchmark)
-    run_dir = run_benchmark(spec, out=out, resume=resume, address=address, progress=progress)
-    _print_summary(run_dir)
+    result = sdr.run(benchmark, out=out, resume=resume, address=address, progress=progress)
+    _print_summary(result)
 
 
-def _print_summary(run_dir: Path) -> None:
-    import json
-
-    import pandas as pd
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    random = [m["name"] for m in manifest["models"] if m["random_weights"]]
+def _print_summary(result: Any) -> None:
+    random = result.random_weight_models
     if random:
         _say(f"WARNING: RANDOM WEIGHTS (not pretrained) for {', '.join(random)}: their scores mean nothing")
-    res = pd.read_parquet(run_dir / "results.parquet")
-    keys = ["model", "head", "strategy", "scheme", "split", "few_shot_k"]
-    table = res.groupby(keys, dropna=False)[["f1", "auroc", "auprc"]].mean().round(3).reset_index()
-    _say(table.to_string(index=False))
-    _say(f"results: {run_dir / 'results.parquet'}")
-    _say(f"report:  {run_dir / 'report.html'}")
+    _say(result.summary().round(3).to_string(index=False))
+    _say(f"results: {result.run_dir / 'results.parquet'}")
+    _say(f"report:  {result.report}")
 
 
 @app.command()
@@ -347,40 +364,24 @@ def models_init_random(
     """Write a RANDOM-WEIGHT checkpoint in the model's official format (tests, demos, smoke tests)."""
     import json
 
-    from scdrugmap_ray.engine.fsutil import atomic_dir
+    import scdrugmap_ray as sdr
 
-    cls = _foundation_class(name)
-    if preset not in cls.presets:
-        raise UserError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(cls.presets)}")
     overrides = None
     if config is not None:
         try:
             overrides = json.loads(config.read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"--config {config}: not a readable JSON file ({err})") from None
-    if out_dir.exists():
-        raise UserError(f"{out_dir} already exists; choose a new directory")
-    with atomic_dir(out_dir) as tmp:
-        cls.init_random(tmp, preset, overrides)
+    sdr.models.init_random(name, out_dir, preset, overrides)
     _say(f"wrote {name} checkpoint ({preset}) to {out_dir}: RANDOM WEIGHTS, not pretrained")
 
 
-def _foundation_class(name: str) -> Any:
-    from scdrugmap_ray.engine.models.base import FoundationModel, model_class
-
-    cls = model_class(name)
-    if not issubclass(cls, FoundationModel):
-        raise UserError(f"{name!r} is not a foundation model (it has no checkpoint)")
-    return cls
-
-
 def _foundation_model(name: str, checkpoint: Path | None, preset: str | None) -> Any:
-    from scdrugmap_ray.engine.models.base import get_model
+    from scdrugmap_ray.tl import foundation_model
 
-    _foundation_class(name)
     if (checkpoint is None) == (preset is None):
         raise UserError("give exactly one of --checkpoint DIR or --preset NAME")
-    model = get_model(name, {"checkpoint": str(checkpoint) if checkpoint else None, "preset": preset})
+    model = foundation_model(name, checkpoint, preset, None)
     if model.random_weights:
         _say(f"{name}: RANDOM WEIGHTS (not pretrained): embeddings carry no biology")
     return model
@@ -417,7 +418,8 @@ ActorResource = Annotated[list[str] | None, typer.Option(
 
 @app.command()
 def embed(
-    store: Annotated[Path, typer.Argument(help="A cell store directory.")],
+    store: Annotated[Path, typer.Argument(help="A cell store directory, or an .h5ad (converted once into the cache; "
+                                                "--layer names a layer of it).")],
     model: Annotated[str, typer.Option(help="Model name.")],
     out: Annotated[str, typer.Option(help="Output folder (a path every node reaches, or s3://, gs://): one "
                                           "part-NNNNN.parquet per store shard. The same folder again resumes.")],
@@ -428,15 +430,20 @@ def embed(
     actors: Actors = None,
     actor_resource: ActorResource = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    layer: Layer = None,
 ) -> None:
     """Embed every cell of a store with a foundation model: Ray Data streams the cells through an actor
-    pool whose actors write the embeddings; the driver's memory does not grow with the number of cells."""
-    from scdrugmap_ray.engine.data.store import CellStore
+    pool whose actors write the embeddings; the driver's memory does not grow with the number of cells.
+    (In a notebook, sdr.tl.embed(adata, ...) writes them into adata.obsm.)"""
+    from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
+    from scdrugmap_ray.engine.models.base import cache_root
     from scdrugmap_ray.engine.pipeline.embed import embed_to_dir
     from scdrugmap_ray.engine.runtime import parse_resources
 
     fm = _foundation_model(model, checkpoint, preset)
-    cells = CellStore.open(store)
+    if store.is_dir() and layer:
+        raise UserError("--layer applies to an .h5ad input, not to a cell store")
+    cells = ensure_store(store, ConvertOptions(layer=layer), cache_root() / "stores", progress=not quiet)
     res = embed_to_dir(fm, cells, out, batch_tokens=batch_tokens, device=device, num_actors=actors,
                        actor_resources=parse_resources(actor_resource), progress=not quiet)
     resumed = f" ({res.shards_skipped} shards were already written)" if res.shards_skipped else ""

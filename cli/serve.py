@@ -100,10 +100,16 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     submit: Annotated[bool, typer.Option("--submit", help="Run as a Ray job on the cluster whose dashboard is "
                                          "--address (paths must be absolute and readable there).")] = False,
+    key_added: Annotated[str, typer.Option(help="Names in an .h5ad output: obs KEY_p_sensitive, KEY_label, obsm "
+                                           "X_KEY, uns KEY (provenance), as sdr.tl.predict(key_added=KEY).")]
+    = "scdrugmap",
 ) -> None:
     """Predict drug response of every cell with a registry model (Ray Data streaming, bounded memory)."""
+    if not key_added or not key_added.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"--key-added {key_added!r}: use letters, digits, '_' or '-'")
     if submit:
-        job_id = _submit_predict(data, model, out, registry, embeddings, address, actors, layer, overwrite)
+        job_id = _submit_predict(data, model, out, registry, embeddings, address, actors, layer, overwrite,
+                                 key_added)
         _say(f"submitted {job_id}; follow it with `scdrugmap-ray logs {job_id} --address {address}`")
         return
     from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
@@ -124,6 +130,12 @@ def predict(
     stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors,
                           device=device, actor_resources=parse_resources(actor_resource), block_cells=batch_cells)
     info = json.loads((version_dir / "model.json").read_text())
+    if out.suffix.lower() == ".h5ad":  # the same names and provenance as sdr.tl.predict(key_added=...)
+        from scdrugmap_ray.engine.registry import THRESHOLD
+        from scdrugmap_ray.tl import prediction_provenance, rename_prediction_keys
+
+        rename_prediction_keys(out, key_added, prediction_provenance(info, THRESHOLD, stats.n_cells, "ray",
+                                                                     embeddings))
     if info.get("random_weights"):
         _say("WARNING: RANDOM WEIGHTS (not pretrained): predictions mean nothing")
     _say(f"predicted {stats.n_cells:,} cells with {info['name']}@{info['version']}: {stats.n_sensitive:,} sensitive "
@@ -131,7 +143,8 @@ def predict(
 
 
 def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, embeddings: bool,
-                    address: str | None, actors: int | None, layer: str | None, overwrite: bool) -> str:
+                    address: str | None, actors: int | None, layer: str | None, overwrite: bool,
+                    key_added: str = "scdrugmap") -> str:
     """The same predict as a Ray job (Jobs API, the package staged as py_modules), as ``submit`` does for runs."""
     import shlex
     import tempfile
@@ -158,6 +171,7 @@ def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, em
     command += ["--actors", str(actors)] if actors else []
     command += ["--layer", layer] if layer else []
     command += ["--overwrite"] if overwrite else []
+    command += ["--key-added", key_added] if key_added != "scdrugmap" else []
     client = jobs_submit.job_client(address)
     with tempfile.TemporaryDirectory(prefix="scdrugmap-submit-") as tmp:
         package = jobs_submit.stage_package(Path(tmp) / "stage")
