@@ -10,7 +10,6 @@ crash loses only the folds in flight and ``--resume`` skips every fold whose res
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,116 +22,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from scdrugmap_ray.engine.data.convert import ConvertOptions, ensure_store
 from scdrugmap_ray.engine.data.schema import METADATA_COLUMNS
-from scdrugmap_ray.engine.data.simulate import simulate_h5ad
 from scdrugmap_ray.engine.data.splits import Fold
 from scdrugmap_ray.engine.data.store import CellStore
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, compute_metrics
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
-from scdrugmap_ray.engine.pipeline.embed import EmbeddingSet, embed_to_dir
+from scdrugmap_ray.engine.pipeline.embed import EmbeddingSet
 from scdrugmap_ray.engine.runtime import init_ray
 from scdrugmap_ray.engine.train.frozen import FoldOutcome, obs_columns, obs_rows, run_frozen_fold
 
 from .planner import Unit, model_key, plan_units
-from .spec import PROMPT_STRATEGIES, BenchmarkSpec, DataSpec
+from .spec import PROMPT_STRATEGIES, BenchmarkSpec
+from .stores import ensure_embedding, labelled_obs, prepare_store
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.parquet"
 BREAKDOWNS = "breakdowns.parquet"
 MANIFEST = "manifest.json"
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_store(d: DataSpec, cache: Path, progress: bool = True) -> CellStore:
-    """The cell store of a data entry: a store directory as is, an .h5ad converted once (cached)."""
-    label_key, dataset_key, sample_key = d.label_key, d.dataset_key, d.sample_key
-    if d.simulate is not None:
-        sim = d.simulate
-        src = cache / "simulated" / f"sim-{_digest(sim.model_dump())}.h5ad"
-        if not src.exists():
-            simulate_h5ad(
-                src,
-                n_cells=sim.cells,
-                n_datasets=sim.datasets,
-                samples_per_dataset=sim.samples_per_dataset,
-                effect=sim.effect,
-                seed=sim.seed,
-                n_genes=sim.genes,
-                progress=progress,
-            )
-        # The simulator's own obs columns, unless the entry names others.
-        label_key = label_key or "response"
-        dataset_key = dataset_key or (None if d.dataset else "dataset")
-        sample_key = sample_key or "sample"
-    else:
-        assert d.path is not None
-        src = Path(d.path)
-        if not src.exists():
-            raise UserError(f"data path {src} not found (relative paths are taken from {Path.cwd()})")
-    opts = ConvertOptions(
-        label_key=label_key,
-        sensitive=tuple(d.sensitive),
-        resistant=tuple(d.resistant),
-        dataset_key=dataset_key,
-        dataset=d.dataset if d.dataset else (None if dataset_key else d.display_name),
-        sample_key=sample_key,
-        layer=d.layer,
-        gene_key=d.gene_key,
-        obs_map=dict(d.obs_map),
-        catalog=d.catalog_collection,
-    )
-    return ensure_store(src, opts, cache / "stores")
-
-
-def _labelled_obs(store: CellStore, data_name: str) -> pd.DataFrame:
-    obs = store.obs()
-    if store.meta.get("label_key") is None or obs["label"].notna().sum() == 0:
-        raise UserError(
-            f"data {data_name!r} has no labelled cells; set label_key in the benchmark to the obs column "
-            "holding sensitive/resistant labels"
-        )
-    return obs
-
-
-# ---------------------------------------------------------------------------------------- embeddings
-
-
-def embedding_path(cache: Path, store: CellStore, model_identity: dict[str, Any]) -> Path:
-    """The embedding folder of (store content x model identity) in the cache (``embed_to_dir``'s layout)."""
-    return cache / "embeddings" / f"{store.content_hash[:16]}-{_digest(model_identity)}"
-
-
-def ensure_embedding(model: EmbeddingModel, store: CellStore, cache: Path, progress: bool = False) -> Path | None:
-    """Embed every cell of the store once (cached by store content x model identity); precomputed (obsm)
-    embeddings are copied from the store into the same layout, shard by shard.
-
-    Foundation models stream through ``embed_to_dir``: their actors write the parts, the driver holds
-    none of it, and an interrupted run resumes at the shards not yet written. It runs from the driver: the
-    embedding is itself a Ray Data job (CPU tokenize tasks and an actor pool), which must not sit inside a
-    task holding the resources it needs.
-    """
-    from scdrugmap_ray.engine.models.base import FoundationModel
-    from scdrugmap_ray.engine.models.baselines import ObsmEmbedding
-    from scdrugmap_ray.engine.pipeline.embed import obsm_to_dir
-
-    path = embedding_path(cache, store, model.identity())
-    if isinstance(model, FoundationModel):
-        embed_to_dir(model, store, path, progress=progress)
-        return path
-    if isinstance(model, ObsmEmbedding):  # precomputed: the store's column, in the same layout
-        model.check_store(store)
-        return obsm_to_dir(store, model.key, path)
-    return None
 
 
 # --------------------------------------------------------------------------------------------- folds
@@ -364,7 +273,7 @@ def run_benchmark(
     for d in spec.data:
         store = prepare_store(d, cache, progress=progress)
         stores[d.display_name] = store
-        obs_by_data[d.display_name] = _labelled_obs(store, d.display_name)
+        obs_by_data[d.display_name] = labelled_obs(store, d.display_name)
     models = {model_key(m): get_model(m.name, m.options) for m in spec.models}
     for store in stores.values():
         for model in models.values():
@@ -461,11 +370,11 @@ def run_benchmark(
     }
     write_json(run_dir / MANIFEST, manifest)
 
-    from .report import build_report
+    from .report import build_report  # matplotlib: loaded when a run has finished, not at import
 
     build_report(run_dir)
     if spec.explain is not None:
-        from .explain import explain_from_spec
+        from .explain import explain_from_spec  # scipy.stats, captum: only runs with an explain: block
 
         explain_from_spec(spec, run_dir)
     return run_dir

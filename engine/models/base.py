@@ -280,9 +280,10 @@ class FoundationModel(EmbeddingModel):
         write_json(out_dir / RANDOM_WEIGHTS_MARKER, {"model": cls.name, "preset": preset, "note": note, **extra})
 
     def embed_store(self, store: CellStore) -> np.ndarray:
-        from ..pipeline.embed import embed_store
-
-        return embed_store(self, store)
+        """Foundation models embed through the Ray Data pipeline, a layer above the models: call
+        ``engine.train.frozen.store_embedding`` (any embedding model) or ``engine.pipeline.embed.embed_store``."""
+        raise TypeError(f"{self.name}: a foundation model embeds a store through engine.pipeline.embed.embed_store "
+                        "(or engine.train.frozen.store_embedding for any embedding model)")
 
 
 _REGISTRY: dict[str, type[Model]] = {}

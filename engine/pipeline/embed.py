@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..models.base import get_model
+from ..models.lora_adapter import load_finetuned
 from ..runtime import ActorPlan, actor_plan, check_actor_device, init_ray, quiet_ray_data, user_errors
 from ..storage import Location, location
 
@@ -151,8 +153,6 @@ class EmbedActor:
             # Ray gives an actor one OpenMP thread (its num_cpus); on CPU the model should use the
             # cores the pool is meant to have.
             torch.set_num_threads(cpu_threads)
-        from ..models.base import get_model
-
         self.model = get_model(model_name, options)
         self.device = device
         self.dtype = getattr(torch, dtype) if dtype else None
@@ -168,8 +168,6 @@ class EmbedActor:
         try:
             check_actor_device(device)
             if finetuned:  # a LoRA fine-tuned model: the backbone with its adapter merged in
-                from ..train.lora import load_finetuned
-
                 self.model, self.module, _ = load_finetuned(Path(finetuned), device, self.dtype)  # type: ignore[assignment]
             else:
                 self.module = self.model.load(device=device, dtype=self.dtype)  # type: ignore[attr-defined]

@@ -16,9 +16,9 @@ import scipy.sparse as sp
 from ..data.gene_ids import ensembl_to_symbols, looks_like_ensembl, symbols_to_ensembl
 from ..errors import UserError
 from ..models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, get_model
+from ..models.lora_adapter import load_adapter
 from ..pipeline.embed import embed_block
 from ..train.frozen import load_fold_featurizer, load_fold_head
-from ..train.lora import ADAPTER_DIR, CONFIG, HEAD_WEIGHTS, build_head
 from .store import BACKBONE_DIR, GENES, LORA_DIR, MODEL_JSON
 
 THRESHOLD = 0.5  # p_sensitive >= 0.5 -> "sensitive"
@@ -77,7 +77,7 @@ class LoadedModel:
             if isinstance(self.model, FoundationModel):
                 self.module = self.model.load(device=device, dtype=dtype)
         elif self.kind == "lora":
-            self.module, self.torch_head = _load_lora(self.model, self.dir / LORA_DIR, device, dtype)  # type: ignore[arg-type]
+            self.module, self.torch_head = load_adapter(self.model, self.dir / LORA_DIR, device, dtype)  # type: ignore[arg-type]
         else:
             raise UserError(f"{self.dir}: unknown model kind {self.kind!r}")
         self.is_foundation = isinstance(self.model, FoundationModel)
@@ -162,21 +162,6 @@ class LoadedModel:
         self, cell_ids: Sequence[str], csr: sp.csr_matrix, genes: pd.DataFrame
     ) -> tuple[np.ndarray, np.ndarray]:
         return self.run([self.prepare(cell_ids, csr, genes)])[0]
-
-
-def _load_lora(fm: Any, lora_dir: Path, device: str, dtype: Any) -> tuple[Any, Any]:
-    """The backbone with the adapter merged in, and the torch head (as engine.train.lora.load_finetuned,
-    but with the backbone options the registry resolved: a copied checkpoint lives beside the model)."""
-    # peft and torch load only when a LoRA model is (the registry's listing stays light)
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    cfg = json.loads((lora_dir / CONFIG).read_text())
-    head = build_head(int(cfg["head"]["dim"]), int(cfg["head"]["hidden"]))
-    head.load_state_dict(load_file(str(lora_dir / HEAD_WEIGHTS)), strict=True)
-    backbone = fm.load(device=device, dtype=dtype)
-    merged = PeftModel.from_pretrained(backbone, str(lora_dir / ADAPTER_DIR)).merge_and_unload()
-    return merged.eval(), head.eval()
 
 
 def column_map(from_symbols: Sequence[str], to_symbols: Sequence[str]) -> np.ndarray:

@@ -22,8 +22,8 @@ from ..data.splits import Fold
 from ..data.store import CellStore
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json
-from ..models.base import EmbeddingModel, FittedFeatureModel, Model
-from ..pipeline.embed import EmbeddingSet
+from ..models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, Model
+from ..pipeline.embed import EmbeddingSet, embed_store
 from .heads import Head, make_head
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,14 @@ def _labels(obs: Obs, rows: np.ndarray) -> np.ndarray:
     return np.asarray(col.to_numpy(), dtype=np.float64)[rows].astype(np.int64)
 
 
+def store_embedding(model: EmbeddingModel, store: CellStore) -> np.ndarray:
+    """float32 [n_cells, d] of every cell of the store: foundation models through the Ray Data pipeline,
+    other embedding models (precomputed obsm, ...) by their own ``embed_store``."""
+    if isinstance(model, FoundationModel):
+        return embed_store(model, store)
+    return model.embed_store(store)
+
+
 def fold_features(
     model: Model, store: CellStore, fold: Fold, seed: int, embedding: np.ndarray | EmbeddingSet | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,7 +78,7 @@ def fold_features(
         if isinstance(embedding, EmbeddingSet):
             return embedding.take(fold.train), embedding.take(fold.val), embedding.take(fold.test)
         if embedding is None:
-            embedding = model.embed_store(store)
+            embedding = store_embedding(model, store)
         return embedding[fold.train], embedding[fold.val], embedding[fold.test]
     if isinstance(model, FittedFeatureModel):
         # Atlas-sized folds: the featurizer is fitted on at most `fit_cells` training cells (a seeded
