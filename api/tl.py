@@ -178,10 +178,13 @@ def foundation_model(model: str, checkpoint: str | Path | None, preset: str | No
         raise UserError(f"{model!r} is not a foundation model (it has no checkpoint); sdr.models.list() names them")
     if (checkpoint is None) == (preset is None):
         raise UserError("give exactly one of checkpoint=DIR or preset=NAME")
+    from scdrugmap_ray.jobs.options import model_options
+
     opts = dict(options or {})
     for key in ("checkpoint", "preset"):
         if key in opts:
             raise UserError(f"options: give {key!r} as the argument {key}=, not in options")
+    opts = model_options(model, opts, "options")
     opts.update(checkpoint=str(checkpoint) if checkpoint is not None else None, preset=preset)
     return get_model(model, opts)
 

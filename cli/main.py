@@ -459,9 +459,9 @@ def bench_embed(
     data: Annotated[Path, typer.Option(help="A cell store directory.")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    cells: Annotated[int, typer.Option(help="Cells to embed.")] = 2000,
-    batch_tokens: Annotated[int, typer.Option(help="Engine tokens per batch.")] = 16384,
-    naive_batch: Annotated[int, typer.Option(help="Cells per batch of the naive loop.")] = 8,
+    cells: Annotated[int, typer.Option(min=1, help="Cells to embed.")] = 2000,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Engine tokens per batch.")] = 16384,
+    naive_batch: Annotated[int, typer.Option(min=1, help="Cells per batch of the naive loop.")] = 8,
 ) -> None:
     """Engine vs the naive loop (fixed batches padded to the maximum, fp32): cells/s, padding, memory.
     For llama: vLLM vs the transformers backend on the same checkpoint and cells."""
@@ -492,17 +492,19 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Output directory; the same one again resumes a killed run.")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping on validation loss).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Most epochs (early stopping on validation loss).")]
+    = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers (DDP).")] = None,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker (NCCL, bf16).")] = False,
-    r: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 8).")] = None,
-    dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
+    r: Annotated[int | None, typer.Option(min=1, help="LoRA rank (default 8).")] = None,
+    alpha: Annotated[float | None, typer.Option(min=0.0, help="LoRA alpha (default 8).")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.99, help="LoRA dropout (default 0.05).")] = None,
     target: Annotated[list[str] | None, typer.Option(help="LoRA target module suffix (repeatable).")] = None,
-    batch_cells: Annotated[int | None, typer.Option(help="Cells per optimizer step, all workers.")] = None,
-    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per micro-batch on one worker.")] = None,
+    batch_cells: Annotated[int | None, typer.Option(min=1, help="Cells per optimizer step, all workers.")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(min=1, help="Tokens per micro-batch on one worker.")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations (long sequences).")] = False,
-    val_fraction: Annotated[float, typer.Option(help="Share of samples (or cells) held out for validation.")] = 0.1,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of samples (or cells) held out for "
+                                                "validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
 ) -> None:
     """Fine-tune a foundation model with LoRA + a classifier head on all labelled cells of a store."""
@@ -534,10 +536,10 @@ def bench_finetune(
     data: Annotated[Path, typer.Option(help="A cell store directory with labelled cells.")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    cells: Annotated[int, typer.Option(help="Training cells.")] = 256,
+    cells: Annotated[int, typer.Option(min=2, help="Training cells.")] = 256,
     workers: Annotated[list[int] | None, typer.Option(help="Worker counts to compare (repeatable).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs per run (the first warms up).")] = 2,
-    batch_cells: Annotated[int, typer.Option(help="Cells per optimizer step, all workers.")] = 32,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per run (the first warms up).")] = 2,
+    batch_cells: Annotated[int, typer.Option(min=1, help="Cells per optimizer step, all workers.")] = 32,
     gpu: Annotated[bool, typer.Option("--gpu", help="One GPU per worker.")] = False,
 ) -> None:
     """LoRA training throughput (cells/s per worker and in all) for 1 vs N Ray Train workers."""

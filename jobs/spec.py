@@ -202,15 +202,16 @@ def _explain(err: ValidationError, source: str) -> str:
     # A misspelt key also makes the key it was meant to be "missing": report the misspelling.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
-    where = ".".join(str(p) for p in loc) or "(top level)"
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_keys(BenchmarkSpec, loc)
         hint = difflib.get_close_matches(key, allowed, n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{source}: unknown key {where!r}{did_you_mean}; allowed here: {', '.join(allowed)}"
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {where}: {msg}"
+    from .options import expected_line
+
+    return f"{source}: {where}: {expected_line(first)}"
 
 
 def parse_spec(data: Any, source: str = "benchmark") -> BenchmarkSpec:
@@ -223,10 +224,33 @@ def parse_spec(data: Any, source: str = "benchmark") -> BenchmarkSpec:
     for m in spec.models:
         if m.head is not None and m.head not in HEADS:
             raise UserError(f"{source}: model {m.name!r}: unknown head {m.head!r} (heads: {', '.join(HEADS)})")
+    _check_option_types(spec, source)
+    for m in spec.models:
         if "lora" in (m.strategies or spec.strategies):
             _check_lora(spec, m, source)
     _check_strategies(spec, source)
     return spec
+
+
+def _check_option_types(spec: BenchmarkSpec, source: str) -> None:
+    """Every nested settings block typed (jobs/options.py): one line naming the key path on a wrong type or
+    an unknown key, here, before any conversion or Ray start. Numbers written as text become numbers."""
+    from scdrugmap_ray.engine.models.base import model_class
+
+    from . import options as typed
+
+    for i, m in enumerate(spec.models):
+        where = f"{source}: models[{i}]"
+        m.options.update(typed.model_options(m.name, m.options, f"{where}.options"))
+        if m.head_options:
+            head = m.head or ("mlp" if ":" in m.name else model_class(m.name).default_head)
+            m.head_options.update(typed.head_options(head, m.head_options, f"{where}.head_options"))
+        if m.lora:
+            m.lora.update(typed.lora_options(m.lora, f"{where}.lora"))
+    if spec.lora:
+        spec.lora.update(typed.lora_options(spec.lora, f"{source}: lora"))
+    if spec.prompting:
+        spec.prompting.update(typed.prompting_options(spec.prompting, f"{source}: prompting"))
 
 
 def can_run(model_name: str, strategy: str) -> bool:
