@@ -56,7 +56,8 @@ def client(app: dict[str, Any]) -> httpx.Client:
 def reference(tiny: Path) -> Any:
     """Independent reference: transformers' LlamaModel, mean of the last hidden state over the tokens."""
     import torch
-    from scdrugmap_ray.engine.models.llama import _hf_tokenizer, load_transformers
+    from scdrugmap_ray.engine.llm.hf import hf_tokenizer as _hf_tokenizer
+    from scdrugmap_ray.engine.models.llama import load_transformers
 
     body = load_transformers(tiny)
     tok = _hf_tokenizer(str(tiny))

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import UserError
+from .hf import hf_tokenizer, read_config
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,7 @@ class HttpChatBackend(ChatBackend):
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
         if self.tokenizer:
-            from ..models.llama import _hf_tokenizer
-
-            tok = _hf_tokenizer(self.tokenizer)
+            tok = hf_tokenizer(self.tokenizer)
             if getattr(tok, "chat_template", None):
                 return chat_length(tok, messages)
             return sum(len(tok(m["content"])["input_ids"]) + 4 for m in messages)
@@ -287,12 +286,10 @@ class VllmChatBackend(ChatBackend):
     def __init__(self, checkpoint: str, *, max_model_len: int | None = None, dtype: str | None = None,
                  cache_dir: Path | None = None, identity: dict[str, Any] | None = None,
                  kv_cache_gb: float = 2) -> None:
-        from ..models.llama import _hf_tokenizer, read_config
-
         cfg = read_config(Path(checkpoint))
         self.checkpoint = checkpoint
         self.model = Path(checkpoint).name
-        self.tok = _hf_tokenizer(checkpoint)
+        self.tok = hf_tokenizer(checkpoint)
         if not getattr(self.tok, "chat_template", None):
             raise UserError(f"{checkpoint}: the tokenizer has no chat template; prompting needs a chat model")
         self._context = int(max_model_len or min(8192, int(cfg.get("max_position_embeddings") or 8192)))

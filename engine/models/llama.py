@@ -37,7 +37,6 @@ chat template, so the same directory serves the prompted strategies); for real u
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +45,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..llm.client import RemoteChatBackend
+from ..llm.hf import hf_tokenizer, read_config
 from ..llm.sentence import DEFAULT_TOP_K, SentenceBuilder, SentenceSpec, fit_words, join
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 
@@ -105,34 +106,6 @@ _CORPUS_TEXT = (
 )
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a Hugging Face directory; refuse anything that is not a causal LM."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as err:
-        raise UserError(f"{cfg_file} is not valid JSON ({err})") from None
-    archs = cfg.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in archs):
-        raise UserError(
-            f"{path} is not a causal language model (architectures: {archs or 'none'}; expected e.g. "
-            "LlamaForCausalLM): point 'checkpoint' at a Llama directory such as Meta-Llama-3-8B"
-        )
-    return cfg
-
-
-@functools.lru_cache(maxsize=4)
-def _hf_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
-
-
 class SentenceTokenizer(CellTokenizer):
     """Cells -> cell sentences -> the checkpoint's token ids (with its special tokens), cut to
     ``max_length`` by dropping the lowest-ranked genes. The HF tokenizer is loaded lazily per process."""
@@ -145,7 +118,7 @@ class SentenceTokenizer(CellTokenizer):
         self.max_length = max_length
 
     def encode(self, text: str) -> list[int]:
-        return list(_hf_tokenizer(self.checkpoint)(text)["input_ids"])
+        return list(hf_tokenizer(self.checkpoint)(text)["input_ids"])
 
     def encode_words(self, words: list[str]) -> tuple[list[int], int]:
         """Token ids of the sentence and how many genes were dropped to fit ``max_length``."""
@@ -257,7 +230,7 @@ class Llama(FoundationModel):
 
     def make_tokenizer(self, genes: pd.DataFrame) -> SentenceTokenizer:
         self.config  # noqa: B018 -- refuse a non-causal-LM directory before any task starts
-        _hf_tokenizer(str(self.checkpoint_dir()))
+        hf_tokenizer(str(self.checkpoint_dir()))
         return SentenceTokenizer(genes, self.sentence_spec, str(self.checkpoint_dir()), self.max_length)
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
@@ -294,8 +267,6 @@ class Llama(FoundationModel):
 
     def chat_backend(self, cache_dir: Path | None) -> Any:
         """Prompting (zero/few-shot) through vLLM offline, in a Ray actor (one engine per GPU)."""
-        from ..llm.client import RemoteChatBackend
-
         ident = {"kind": "vllm", "checkpoint_sha256": self.identity()["checkpoint_sha256"]}
         return RemoteChatBackend(str(self.checkpoint_dir()), cache_dir=cache_dir, identity=ident,
                                  kv_cache_gb=float(self.options["kv_cache_gb"]))
