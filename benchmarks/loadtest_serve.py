@@ -79,14 +79,14 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import ray
+    from scdrugmap_ray.engine.runtime import init_ray
     from scdrugmap_ray.serve.app import ServeConfig, run_app
-    from scdrugmap_ray.serve.bench import _predicted_cells, demo_registry, drive, open_loop, request_bodies, server_rss
+    from scdrugmap_ray.serve.bench import demo_registry, drive, open_loop, predicted_cells, request_bodies, server_rss
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="scdrugmap-loadtest-"))
     _, registry = demo_registry(work, 6000, 1000, args.model)
     # its own local Ray, never a cluster that happens to run on this machine
-    ray.init(address="local", include_dashboard=False, configure_logging=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    init_ray("local", log_to_driver=False)
     port = _free_port()
     cfg = ServeConfig(registry=str(registry), min_replicas=args.replicas, max_replicas=args.replicas,
                       ingress_replicas=args.ingress_replicas, max_batch_size=args.max_batch_size,
@@ -94,19 +94,19 @@ def main() -> None:
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"
     bodies = request_bodies(work / "sim.h5ad", "bench", 300, args.cells_per_request)
-    drive(url, "/v1/predict", bodies[:8], _predicted_cells, clients=2, timeout_s=120)  # warm-up: model load
+    drive(url, "/v1/predict", bodies[:8], predicted_cells, clients=2, timeout_s=120)  # warm-up: model load
     time.sleep(3)
     rss0 = server_rss()
-    unloaded = drive(url, "/v1/predict", bodies[:30], _predicted_cells, clients=1, timeout_s=120, label="unloaded")
+    unloaded = drive(url, "/v1/predict", bodies[:30], predicted_cells, clients=1, timeout_s=120, label="unloaded")
     log.info("%s", unloaded.line())
-    cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], _predicted_cells, clients=args.capacity_clients,
+    cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], predicted_cells, clients=args.capacity_clients,
                 timeout_s=300, label="capacity", shed_ok=True)
     capacity = cap.ok / cap.seconds
     log.info("%s -> capacity %.1f req/s", cap.line(), capacity)
     for mult in (float(m) for m in args.multipliers.split(",")):
         before = server_rss()
         with HealthProbe(url) as probe:
-            res = open_loop(url, "/v1/predict", bodies, _predicted_cells, rate=mult * capacity,
+            res = open_loop(url, "/v1/predict", bodies, predicted_cells, rate=mult * capacity,
                             duration_s=args.duration, timeout_s=60, label=f"{mult:g}x")
         time.sleep(5)
         after = server_rss()

@@ -23,15 +23,19 @@ DEVICES = ("cpu", "cuda")
 _USER_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?UserError: (.+)$", re.MULTILINE)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster named by ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+def init_ray(address: str | None = None, *, log_to_driver: bool = True) -> None:
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray
+    (``address="local"``: always a new local one, never a cluster that happens to run here). The one
+    place that calls ``ray.init``."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False}
-    if address is None and "RAY_ADDRESS" not in os.environ:
+    if address == "local" or (address is None and "RAY_ADDRESS" not in os.environ):
         kwargs["include_dashboard"] = False  # embedded local Ray: no dashboard needed
+    if not log_to_driver:
+        kwargs["log_to_driver"] = False
     ray.init(address=address, **kwargs)
 
 

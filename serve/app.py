@@ -53,6 +53,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from .errors import RequestError
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "scdrugmap"
@@ -112,15 +114,6 @@ class ServeConfig:
         share of what the predictors run, plus its queue."""
         share = math.ceil(self.predictor_ongoing * max(self.max_replicas, 1) / max(self.ingress_replicas, 1))
         return share + self.predictor_queued
-
-
-class RequestError(Exception):
-    """A bad request: HTTP status, a one-line message, and headers (``Retry-After``)."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
 
 
 # ------------------------------------------------------------------------------- request bodies

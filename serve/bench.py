@@ -215,7 +215,7 @@ def server_rss() -> int:
     return total
 
 
-def _predicted_cells(body: dict[str, Any], response: Any) -> tuple[int, int]:
+def predicted_cells(body: dict[str, Any], response: Any) -> tuple[int, int]:
     got = {c["cell_id"] for c in response["cells"] if c.get("p_sensitive") is not None}
     missing = sum(1 for c in body["cells"] if c["cell_id"] not in got)
     return len(body["cells"]) - missing, missing
@@ -225,7 +225,7 @@ def load_test(url: str, model: str, h5ad: Path, *, clients: int = 8, n_requests:
               cells_per_request: int = 16, timeout_s: float = 300.0, api_key: str | None = None) -> LoadResult:
     """POST /v1/predict with JSON cells of a real .h5ad; every cell must come back with a prediction."""
     bodies = request_bodies(h5ad, model, n_requests, cells_per_request)
-    return drive(url, "/v1/predict", bodies, _predicted_cells, clients=clients, timeout_s=timeout_s,
+    return drive(url, "/v1/predict", bodies, predicted_cells, clients=clients, timeout_s=timeout_s,
                  headers={"X-API-Key": api_key} if api_key else None)
 
 

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import RequestError
+
 log = logging.getLogger(__name__)
 
 EMBED_SUFFIX = "-embed"
@@ -109,8 +111,6 @@ def ingress_base() -> type:
     from fastapi import Request
     from ray.serve.llm.ingress import OpenAiIngress
     from ray.serve.llm.openai_api_models import EmbeddingRequest
-
-    from .app import RequestError
 
     class LlmIngress(OpenAiIngress):
         def _embed_id(self, model: str | None) -> str:
@@ -201,8 +201,6 @@ def cell_token_lists(llm_dir: str, csr: Any, genes: Any, top_k: int) -> tuple[li
 
 async def embed_cells(ingress: Any, llm_dir: str, model: str | None, ids: list[str], csr: Any, genes: Any,
                       top_k: int) -> dict[str, Any]:
-    from .app import RequestError
-
     if not ids:
         raise RequestError(422, "the request holds no cell with any expression")
     tokens, counts = await asyncio.to_thread(cell_token_lists, llm_dir, csr, genes, top_k)

@@ -46,7 +46,8 @@ def _kill_under_load(app: dict[str, Any], deployment: str) -> tuple[Any, float]:
     the load result and the seconds until the app was back at full strength (a new replica RUNNING, /readyz
     200). The service itself stays up meanwhile: the load's answers show it."""
     import ray
-    from scdrugmap_ray.serve.bench import _predicted_cells, drive, request_bodies
+    from scdrugmap_ray.serve.bench import drive, request_bodies
+    from scdrugmap_ray.serve.bench import predicted_cells as _predicted_cells
 
     bodies = request_bodies(app["h5ad"], "pca-sim", 160, 20)
     out: dict[str, Any] = {}
@@ -95,7 +96,8 @@ def test_ingress_replica_killed_under_load_leaves_the_service_up(app: dict[str, 
 
 
 def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
-    from scdrugmap_ray.serve.bench import _predicted_cells, drive, open_loop, request_bodies, server_rss
+    from scdrugmap_ray.serve.bench import drive, open_loop, request_bodies, server_rss
+    from scdrugmap_ray.serve.bench import predicted_cells as _predicted_cells
 
     bodies = request_bodies(app["h5ad"], "pca-sim", 200, 200)
     rss0 = server_rss()
