@@ -196,7 +196,7 @@ def test_every_foundation_model_is_attributed(name: str, pc9: dict, monkeypatch:
         differs = (inp.batch[key][i] != inp.baseline[key][i]).numpy()
         assert not differs[len(tg):].any() and not differs[: len(tg)][tg < 0].any()
     if name == "uce":  # CLS and chromosome tokens are special by place; every other token is a sampled gene
-        from scdrugmap_ray.engine.explain.attribution import _uce_special
+        from scdrugmap_ray.engine.models.uce import uce_special_tokens as _uce_special
 
         rows = tok(ids, gi, vals)
         for r, tg in zip(rows["input_ids"], inp.token_gene, strict=True):

@@ -272,13 +272,6 @@ def test_checkpoint_directory_errors(tiny_dir: Path, tmp_path: Path) -> None:
         get_model("celllm", {"checkpoint": str(no_genes)}).make_tokenizer(genes)  # type: ignore[attr-defined]
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("celllm", {"preset": "tiny"})
-    assert model.random_weights
-    assert model.max_length == 6000  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

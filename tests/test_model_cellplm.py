@@ -285,14 +285,6 @@ def test_checkpoint_directory_errors(tiny_dir: Path, tmp_path: Path) -> None:
     assert "JSON" in _load_error(bad_json)
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("cellplm", {"preset": "tiny"})
-    assert model.random_weights
-    assert (model.checkpoint_dir() / f"{PREFIX}.best.ckpt").is_file()  # type: ignore[attr-defined]
-    assert model.max_length == 19_374  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

@@ -268,13 +268,6 @@ def test_wrong_and_truncated_files(tiny_dir: Path, tmp_path: Path) -> None:
     assert "cannot be loaded safely" in _load_error(unsafe)
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("scbert", {"preset": "tiny"})
-    assert model.random_weights
-    assert (model.checkpoint_dir() / GENE2VEC_FILE).is_file()  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

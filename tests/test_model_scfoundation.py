@@ -265,13 +265,6 @@ def test_truncated_and_wrong_checkpoints(tiny_dir: Path, tmp_path: Path) -> None
     assert "cannot be loaded safely" in _load_error(unsafe)
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("scfoundation", {"preset": "tiny"})
-    assert model.random_weights
-    assert (model.checkpoint_dir() / "models.ckpt").is_file()  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

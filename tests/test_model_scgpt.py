@@ -419,14 +419,6 @@ def test_truncated_and_wrong_checkpoints(tiny_dir: Path, tmp_path: Path) -> None
     assert "consecutive" in _load_error(badvocab)
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("scgpt", {"preset": "tiny"})
-    assert model.random_weights
-    assert (model.checkpoint_dir() / "best_model.pt").is_file()  # type: ignore[attr-defined]
-    assert model.max_length == 1200 and model.embedding_dim == 64  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

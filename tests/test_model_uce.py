@@ -314,14 +314,6 @@ def test_token_table_rule(tiny_dir: Path, tmp_path: Path, tiny: tuple) -> None:
     )
 
 
-def test_preset_checkpoint_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(tmp_path))
-    model = get_model("uce", {"preset": "tiny"})
-    assert model.random_weights
-    assert (model.checkpoint_dir() / "tiny_model.torch").is_file()  # type: ignore[attr-defined]
-    assert model.max_length == 1536  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------- embedding
 
 

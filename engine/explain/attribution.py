@@ -58,8 +58,7 @@ does not grow with the number of cells.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +66,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..models.base import FoundationModel, Model
+from ..errors import UserError
+from ..models.base import FoundationModel, Model, available_models, model_class
+from ..models.contract import AttributionAdapter
 
 log = logging.getLogger(__name__)
 
@@ -235,106 +236,27 @@ def attribute_baseline(
 # ---------------------------------------------------------------------------------- foundation models
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """How one foundation model's input is attributed; one mechanism for all, a few fields per model.
-
-    ``key`` is the collated batch entry that carries the cell's expression-dependent input (gene token ids,
-    expression bins or values); ``layer`` the module whose output is attributed (LayerIntegratedGradients),
-    or None to attribute the float input ``key`` itself (IntegratedGradients). A token's gene: its entry in
-    the tokenizer's ``gene_key`` row (a vocabulary id or the model's gene index; None: the token's position
-    in the row), matched to the cell's own expressed store genes through ``lookup(model, tokenizer)`` (store
-    position -> that id, -1 for genes the model lacks). The baseline puts ``baseline`` (None: the collate's
-    padding value) into ``key`` at every gene token; ``special(tokenizer, row)`` marks tokens that are never
-    genes even if their id is also a gene's. ``attention`` gives per-token attention scores (models whose
-    attention can run eager)."""
-
-    layer: Callable[[Any], Any] | None
-    lookup: Callable[[Any, Any], np.ndarray]
-    key: str = "input_ids"
-    gene_key: str | None = "input_ids"
-    baseline: float | None = None
-    special: Callable[[Any, np.ndarray], np.ndarray] | None = None
-    attention: Callable[[FoundationModel, Any, dict[str, Any]], Any] | None = None
+# The adapters live on the model classes (``attribution_adapter``); this table reads them from there.
+Adapter = AttributionAdapter
 
 
-def _geneformer_lookup(fm: Any, tok: Any) -> np.ndarray:
-    return np.where(tok.col_of_pos >= 0, tok.col_token[np.maximum(tok.col_of_pos, 0)], -1)
+class _AdapterTable(Mapping[str, AttributionAdapter]):
+    """model name -> its class's ``attribution_adapter`` (registered foundation models that have one)."""
+
+    def __getitem__(self, name: str) -> AttributionAdapter:
+        adapter = adapter_for(name)
+        if adapter is None:
+            raise KeyError(name)
+        return adapter
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n in available_models() if adapter_for(n) is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-def _tgpt_lookup(fm: Any, tok: Any) -> np.ndarray:
-    # one-word genes only (a multi-word symbol spreads over several tokens); <unk> is no particular gene
-    single = np.asarray(tok.single, dtype=np.int64)
-    return np.where(single == fm.vocabulary().unk_id, -1, single)
-
-
-def _uce_special(tok: Any, ids: np.ndarray) -> np.ndarray:
-    """CLS, chromosome-start and chromosome-end tokens: by place, since in the released token table their
-    ids are rows of the first species' protein embeddings too. Layout: CLS, (chrom, genes..., end)*."""
-    ids = np.asarray(ids, dtype=np.int64)
-    chrom = ids >= tok.args["CHROM_TOKEN_OFFSET"]
-    out = chrom.copy()
-    out[:1] = True
-    out[:-1] |= chrom[1:]  # the end token before the next chromosome's start
-    if len(ids) > 1:
-        out[-1] = True  # the last chromosome's end token
-    return out
-
-
-@contextmanager
-def _eager_attention(config: Any) -> Iterator[None]:
-    """Run an HF model with the eager softmax (SDPA returns no attention weights), then restore."""
-    old = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
-
-
-def _received_attention(attn: Any, mask: Any) -> Any:
-    """[n, heads, L, L] attention -> [n, L]: what each token receives, averaged over heads and over the
-    real (unpadded) query tokens; 0 on padding."""
-    m = mask.to(attn.dtype)
-    a = attn.mean(dim=1) * m[:, :, None]
-    return a.sum(dim=1) / m.sum(dim=1, keepdim=True).clamp(min=1) * m
-
-
-def _geneformer_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
-    bert = getattr(module, "bert", module)
-    with _eager_attention(bert.config):
-        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
-    # the last layer that feeds the embedding (option emb_layer; hidden_states[k] is layer k's output)
-    return _received_attention(out.attentions[max(fm.layer_index, 1) - 1].float(), batch["attention_mask"])
-
-
-def _tgpt_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
-    body = getattr(module, "transformer", module)
-    with _eager_attention(body.config):
-        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   output_attentions=True)
-    return _received_attention(out.attentions[-1].float(), batch["attention_mask"])
-
-
-def _lookup(fm: Any, tok: Any) -> np.ndarray:
-    return tok.lookup
-
-
-ADAPTERS: dict[str, Adapter] = {
-    # gene-as-token models: the gene-token embedding; baseline = the padding token at every gene token
-    "scgpt": Adapter(layer=lambda m: m.encoder.embedding, lookup=_lookup),
-    "geneformer": Adapter(layer=lambda m: getattr(m, "bert", m).embeddings.word_embeddings,
-                          lookup=_geneformer_lookup, attention=_geneformer_attention),
-    "tgpt": Adapter(layer=lambda m: getattr(m, "transformer", m).wte, lookup=_tgpt_lookup,
-                    attention=_tgpt_attention),
-    "uce": Adapter(layer=lambda m: m.pe_embedding, lookup=lambda fm, tok: tok.token, special=_uce_special),
-    # position-identified models: the expression-value embedding; baseline = "not expressed"
-    "scbert": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, gene_key=None, baseline=0),
-    "celllm": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, key="tokens", baseline=0),
-    "scfoundation": Adapter(layer=lambda m: m.token_emb, lookup=_lookup, key="values", baseline=0.0),
-    # cell-as-token model: its input expression values themselves
-    "cellplm": Adapter(layer=None, lookup=_lookup, key="values", baseline=0.0),
-}
+ADAPTERS: Mapping[str, AttributionAdapter] = _AdapterTable()
 
 METHODS = ("ig", "gxi", "attention")
 #: tokens (cells x sequence length, all integration steps together) in one forward/backward pass; bounds
@@ -342,13 +264,18 @@ METHODS = ("ig", "gxi", "attention")
 FM_TOKENS_PER_PASS = 1 << 16
 
 
-def adapter_for(model_name: str) -> Adapter | None:
-    return ADAPTERS.get(model_name)
+def adapter_for(model_name: str) -> AttributionAdapter | None:
+    """The model's attribution adapter, None for models without one (and for names that are no model)."""
+    try:
+        cls = model_class(model_name)
+    except (UserError, KeyError):  # no model, or a parametric name (obsm:KEY): no adapter
+        return None
+    return getattr(cls, "attribution_adapter", None)
 
 
 def supports(model_name: str, method: str) -> bool:
     """Whether ``method`` can attribute ``model_name`` (``attention``: only models exposing attention)."""
-    adapter = ADAPTERS.get(model_name)
+    adapter = adapter_for(model_name)
     return adapter is not None and (method != "attention" or adapter.attention is not None)
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import UserError
+from .contract import AttributionAdapter
 
 if TYPE_CHECKING:
     from ..data.store import CellStore
@@ -176,6 +177,8 @@ class FoundationModel(EmbeddingModel):
     has_dtype_option: ClassVar[bool] = True
     #: module names (suffixes) where LoRA acts; only modules really called in forward
     lora_targets: ClassVar[list[str]] = []
+    #: how ``explain`` attributes this model's input to genes (None: no gene attributions)
+    attribution_adapter: ClassVar[AttributionAdapter | None] = None
     requires_counts = True
     default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None}
 

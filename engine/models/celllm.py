@@ -97,6 +97,7 @@ from torch import nn
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, short_keys
+from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,6 @@ GENE_LIST_FILE = "gene_list.txt"
 #: the official config's checkpoint file name (configs/ctc/cellLM.json ckpt_path)
 DEFAULT_WEIGHTS_FILE = "checkpoint4_fixed.pth"
 PARAM_KEY = "model_state_dict"
-MIN_COVERAGE = 0.2
 KERNEL_EPS = 1e-4  # softmax_kernel's eps
 
 # configs/ctc/cellLM.json network.structure, plus the PerformerLM_CellLM defaults it relies on
@@ -330,13 +330,9 @@ class CellLMTokenizer(CellTokenizer):
         self.max_bin = self.cls_token - 1
         self.max_seq_len = cfg["max_seq_len"]
         self.normalize = normalize
-        if self.coverage < MIN_COVERAGE:
-            examples = ", ".join(str(s) for s in ordered["symbol"].tolist()[:3])
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes are in CellLM's "
-                f"{self.gene_num:,}-gene list (store genes look like: {examples}); CellLM needs the gene symbols "
-                "its gene list uses (human symbols): convert the data with those"
-            )
+        check_coverage(self.coverage, self.n_store_genes, f"are in CellLM's {self.gene_num:,}-gene list",
+                       ordered["symbol"].tolist(), "CellLM needs the gene symbols its gene list uses (human "
+                       "symbols): convert the data with those")
 
     def values(self, raw: np.ndarray) -> np.ndarray:
         """The values the original's dense input row would hold (float32, as scanpy's)."""
@@ -454,6 +450,9 @@ class CellLMModel(FoundationModel):
     name = "celllm"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": _STRUCTURE_TINY, "celllm": _STRUCTURE_REAL}
     lora_targets: ClassVar[list[str]] = ["fn.to_q", "fn.to_k", "fn.to_v", "fn.to_out", "fn.fn.w1", "fn.fn.w2"]
+    #: position-identified genes: the expression-value embedding; baseline = "not expressed"
+    attribution_adapter = AttributionAdapter(layer=lambda m: m.token_emb, lookup=tokenizer_lookup, key="tokens",
+                                            baseline=0)
     default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None, "pool": "cls", "normalize": "log2"}
 
     def __init__(self, **options: Any) -> None:

@@ -82,6 +82,7 @@ from ..data.gene_ids import ensembl_to_symbols
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
+from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ GMVAE = "latent.layers.1.inference."
 GMVAE_HIDDEN = 512  # fixed inside the original's InferenceNet
 PE_SIZE = 100  # Sinusoidal2dPE height = width
 NB_DEC_1 = 128  # the NB output layer's hidden size
-MIN_COVERAGE = 0.2
 NORMS = ("groupnorm", "layernorm")
 GROUPNORM_GROUPS = 4
 
@@ -448,12 +448,9 @@ class CellPLMTokenizer(CellTokenizer):
         self.n_matched = len(candidates)
         self.coverage = self.n_matched / max(1, self.n_store_genes)
         self.vocab_coverage = self.n_matched / len(gene_list)
-        if self.coverage < MIN_COVERAGE:
-            raise UserError(
-                f"cellplm: only {self.n_matched} of the store's {self.n_store_genes} genes have an Ensembl ID in "
-                f"the model's {len(gene_list)}-gene list ({100 * self.coverage:.1f}%); CellPLM needs human genes "
-                "with Ensembl IDs (the store's ensembl_id column; convert human data with symbols or Ensembl IDs)"
-            )
+        check_coverage(self.coverage, self.n_store_genes, f"have an Ensembl ID in CellPLM's {len(gene_list)}-gene list",
+                       genes.sort_values("position")["symbol"].tolist(), "CellPLM needs human genes with Ensembl IDs "
+                       "(the store's ensembl_id column; convert human data with symbols or Ensembl IDs)")
 
     def __call__(
         self, cell_ids: np.ndarray, gene_index: list[np.ndarray], values: list[np.ndarray]
@@ -540,6 +537,8 @@ class CellPLMModel(FoundationModel):
         "_ff_block.0",
         "_ff_block.3",
     ]
+    #: cell-as-token: its input expression values themselves; baseline = "not expressed"
+    attribution_adapter = AttributionAdapter(layer=None, lookup=tokenizer_lookup, key="values", baseline=0.0)
     default_options: ClassVar[dict[str, Any]] = {"checkpoint": None, "preset": None, "prefix": None}
 
     def __init__(self, **options: Any) -> None:

@@ -76,6 +76,7 @@ import pandas as pd
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
+from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ DICTIONARY_FILES = {"V1": "geneformer_gc30M.json.gz", "V2": "geneformer_gc104M.j
 #: official vocabulary sizes (token dictionary incl. special tokens) -> model version
 VOCAB_VERSIONS = {25_426: "V1", 20_275: "V2"}
 TARGET_SUM = 10_000.0
-MIN_COVERAGE = 0.2
 #: tied to word embeddings / the MLM bias: present in torch.save files, dropped by save_pretrained
 TIED_KEYS = {
     "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -236,17 +236,12 @@ class GeneformerTokenizer(CellTokenizer):
             "n_summed_tokens": len(shared),
             "vocabulary_size": len(dicts.tokens),
         }
-        if self.coverage < min_coverage:
-            head = genes.sort_values("position").head(3)
-            examples = ", ".join(
-                f"{s}/{e}" if _present(e) else str(s)
-                for s, e in zip(head["symbol"], head.get("ensembl_id", head["symbol"]), strict=True)
-            )
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {n} genes are in Geneformer's {dicts.version} vocabulary "
-                f"(store genes look like: {examples}); Geneformer needs human genes with Ensembl IDs (ENSG...) or "
-                "HGNC symbols: mouse data or another gene ID type does not match"
-            )
+        head = genes.sort_values("position").head(3)
+        examples = [f"{s}/{e}" if _present(e) else str(s)
+                    for s, e in zip(head["symbol"], head.get("ensembl_id", head["symbol"]), strict=True)]
+        check_coverage(self.coverage, n, f"are in Geneformer's {dicts.version} vocabulary", examples,
+                       "Geneformer needs human genes with Ensembl IDs (ENSG...) or HGNC symbols: mouse data or "
+                       "another gene ID type does not match", min_coverage)
 
     def tokenize_cell(self, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
         x_all = np.asarray(values, dtype=np.float64)
@@ -367,6 +362,20 @@ def _truncated_bert(bert: Any, n_layers: int) -> Any:
 # ----------------------------------------------------------------------------------------------- model
 
 
+def geneformer_lookup(fm: Any, tok: Any) -> np.ndarray:
+    """Store position -> the token of its collapsed column (-1: not in the vocabulary)."""
+    return np.where(tok.col_of_pos >= 0, tok.col_token[np.maximum(tok.col_of_pos, 0)], -1)
+
+
+def geneformer_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
+    """Attention each token receives in the last layer feeding the embedding (eager softmax)."""
+    bert = getattr(module, "bert", module)
+    with eager_attention(bert.config):
+        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    # the last layer that feeds the embedding (option emb_layer; hidden_states[k] is layer k's output)
+    return received_attention(out.attentions[max(fm.layer_index, 1) - 1].float(), batch["attention_mask"])
+
+
 @register
 class GeneformerModel(FoundationModel):
     """Geneformer V1 / V2: rank value encoding of raw counts, BERT encoder, mean (or CLS) pooling."""
@@ -380,6 +389,10 @@ class GeneformerModel(FoundationModel):
     }
     # PEFT matches these as module-name suffixes: bert.encoder.layer.N.attention.self.{query,key,value}
     lora_targets: ClassVar[list[str]] = ["query", "key", "value"]
+    #: gene-as-token: the gene-token embedding; baseline = the padding token at every gene token
+    attribution_adapter = AttributionAdapter(
+        layer=lambda m: getattr(m, "bert", m).embeddings.word_embeddings, lookup=geneformer_lookup,
+        attention=geneformer_attention)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None,
         "preset": None,

@@ -83,6 +83,7 @@ from torch import nn
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, register
 from .checkpoint import check_state, load_weights_file, short_keys
+from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
 from .performer import performer_layer_shapes
 
 with warnings.catch_warnings():  # performer-pytorch imports distutils' LooseVersion
@@ -108,7 +109,6 @@ GENE_ORDER_FILE = Path(__file__).parent / "resources" / "scbert" / "gene_order.t
 N_GENES = 16_906
 SEQ_LEN = N_GENES + 1  # the appended 0 token
 STATE_KEY = "model_state_dict"
-MIN_COVERAGE = 0.2
 POOLS = ("mean", "last")
 LOG_BASES = {"2": 2.0, "e": math.e}
 #: the pretraining head, required in a checkpoint and then dropped
@@ -372,13 +372,9 @@ class ScBertTokenizer(CellTokenizer):
         self.vocab_coverage = self.n_matched / N_GENES
         self.max_bin = num_tokens - 2  # CLASS - 2
         self.log_divisor = np.float32(np.log(LOG_BASES[log1p_base]))
-        if self.coverage < MIN_COVERAGE:
-            examples = ", ".join(str(s) for s in symbols[:3])
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes are in scBERT's 16,906 "
-                f"Panglao gene symbols (store genes look like: {examples}); scBERT needs human gene symbols "
-                "(Ensembl IDs without symbols do not match): convert the data with human symbols"
-            )
+        check_coverage(self.coverage, self.n_store_genes, "are in scBERT's 16,906 Panglao gene symbols", symbols,
+                       "scBERT needs human gene symbols (Ensembl IDs without symbols do not match): convert the "
+                       "data with human symbols")
 
     def _cell(self, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
         vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
@@ -412,6 +408,9 @@ class ScBertModel(FoundationModel):
     name = "scbert"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": _CONFIG_TINY, "panglao": _CONFIG_PANGLAO}
     lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out"]
+    #: position-identified genes: the expression-value embedding; baseline = "not expressed"
+    attribution_adapter = AttributionAdapter(layer=lambda m: m.token_emb, lookup=tokenizer_lookup, gene_key=None,
+                                            baseline=0)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None,
         "preset": None,

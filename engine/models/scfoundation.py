@@ -67,9 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .attention import SdpaSelfAttention
+from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
+from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
 from .performer import performer_layer_shapes
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ PAD_POSITION = SEQ_LEN
 #: sub-model of models.ckpt used for cell embeddings, by the original's --version
 VERSION_KEYS = {"ce": "cell", "rde": "rde"}
 SUBMODELS = ("gene", "cell", "rde")
-MIN_COVERAGE = 0.2
 STATE_PREFIX = "model."
 
 _IN_PROJ_OFFICIAL = re.compile(r"^(encoder\.transformer_encoder\.\d+\.self_attn\.)in_proj_(weight|bias)$")
@@ -318,32 +318,15 @@ class SelfAttention(SdpaSelfAttention):
     qkv_name = "in_proj"
 
 
-class EncoderLayer(nn.Module):
-    """Post-norm layer equal to ``nn.TransformerEncoderLayer(d, heads, 4 d, batch_first=True)``:
-    ReLU, dropout 0.1, LayerNorm eps 1e-5 (the original constructs it with these defaults)."""
-
-    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.self_attn = SelfAttention(dim, heads, dropout)
-        self.linear1 = nn.Linear(dim, ff_mult * dim)
-        self.linear2 = nn.Linear(ff_mult * dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
-        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
-
 class TransformerEncoder(nn.Module):
     """Official names: ``transformer_encoder.<i>`` layers and a final ``norm``."""
 
     def __init__(self, dim: int, depth: int, heads: int) -> None:
         super().__init__()
-        self.transformer_encoder = nn.ModuleList(EncoderLayer(dim, heads) for _ in range(depth))
+        # the original's nn.TransformerEncoderLayer(dim, heads) defaults: feed-forward 4 x dim, dropout 0.1
+        self.transformer_encoder = nn.ModuleList(
+            EncoderLayer(dim, heads, 4 * dim, 0.1, SelfAttention) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -450,14 +433,9 @@ class ScFoundationTokenizer(CellTokenizer):
         self.vocab_coverage = self.n_matched / N_GENES
         self.tgt_mode, self.tgt_value = parse_tgthighres(tgthighres)
         self.pre_normalized = pre_normalized
-        if self.coverage < MIN_COVERAGE:
-            examples = ", ".join(str(s) for s in symbols[:3])
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes are in scFoundation's "
-                f"19,264 human gene symbols (store genes look like: {examples}); scFoundation needs human gene "
-                "symbols (mouse genes or Ensembl IDs without symbols do not match): convert the data with "
-                "human symbols"
-            )
+        check_coverage(self.coverage, self.n_store_genes, "are in scFoundation's 19,264 human gene symbols",
+                       symbols, "scFoundation needs human gene symbols (mouse genes or Ensembl IDs without symbols "
+                       "do not match): convert the data with human symbols")
 
     def _cell(self, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
@@ -566,6 +544,9 @@ class ScFoundationModel(FoundationModel):
     name = "scfoundation"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": _CONFIG_TINY, "100m": _CONFIG_100M}
     lora_targets: ClassVar[list[str]] = ["self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"]
+    #: position-identified genes: the expression-value embedding; baseline = "not expressed"
+    attribution_adapter = AttributionAdapter(layer=lambda m: m.token_emb, lookup=tokenizer_lookup, key="values",
+                                            baseline=0.0)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None,
         "preset": None,

@@ -91,9 +91,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .attention import SdpaSelfAttention
+from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
+from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ CLS_TOKEN = "<cls>"
 RESOURCES = Path(__file__).parent / "resources" / "scgpt"
 CENSUS_VOCAB_FILE = RESOURCES / "default_census_vocab.json.gz"
 HUMAN_ARGS_FILE = RESOURCES / "scGPT_human_args.json"
-MIN_COVERAGE = 0.2
 #: ContinuousValueEncoder clamps values at this maximum
 MAX_VALUE = 512
 NORMALIZE_TARGET = 1e4
@@ -368,42 +368,14 @@ class SelfAttention(SdpaSelfAttention):
     qkv_name = "Wqkv"
 
 
-class EncoderLayer(nn.Module):
-    """scGPT's FlashTransformerEncoderLayer: ReLU feed-forward ``d_hid``, LayerNorm eps 1e-5; ``post``
-    norm scheme (nn.TransformerEncoderLayer's) or scGPT's ``pre`` scheme (norm the stream, then add)."""
-
-    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float, pre_norm: bool) -> None:
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.self_attn = SelfAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def _ff(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pre_norm:
-            x = self.norm1(x)
-            x = x + self.dropout1(self.self_attn(x, attn_mask))
-            x = self.norm2(x)
-            return x + self._ff(x)
-        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
-        return self.norm2(x + self._ff(x))
-
-
 class TransformerEncoder(nn.Module):
     """``layers.<i>`` as torch's nn.TransformerEncoder (no final norm, as scGPT builds it)."""
 
     def __init__(self, cfg: ScGPTConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(cfg.d_model, cfg.nhead, cfg.d_hid, cfg.dropout, cfg.pre_norm) for _ in range(cfg.nlayers)
+            EncoderLayer(cfg.d_model, cfg.nhead, cfg.d_hid, cfg.dropout, SelfAttention, cfg.pre_norm)
+            for _ in range(cfg.nlayers)
         )
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -497,14 +469,10 @@ class ScGPTTokenizer(CellTokenizer):
         self.pad_value = float(pad_value)
         self.seed = seed
         self.normalize = normalize
-        if self.coverage < MIN_COVERAGE:
-            examples = ", ".join(str(s) for s in symbols[:3])
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes are in scGPT's vocabulary of "
-                f"{n_vocab_genes} human gene symbols (store genes look like: {examples}); scGPT needs human gene "
-                "symbols (mouse genes or Ensembl IDs without symbols do not match): convert the data with human "
-                "symbols"
-            )
+        check_coverage(self.coverage, self.n_store_genes,
+                       f"are in scGPT's vocabulary of {n_vocab_genes} human gene symbols", symbols,
+                       "scGPT needs human gene symbols (mouse genes or Ensembl IDs without symbols do not match): "
+                       "convert the data with human symbols")
 
     def cell(self, cell_id: str, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids int32, values float32) of one cell."""
@@ -614,6 +582,8 @@ class ScGPTModel(FoundationModel):
         "human": human_args(),
     }
     lora_targets: ClassVar[list[str]] = ["self_attn.Wqkv", "self_attn.out_proj", "linear1", "linear2"]
+    #: gene-as-token: the gene-token embedding; baseline = the padding token at every gene token
+    attribution_adapter = AttributionAdapter(layer=lambda m: m.encoder.embedding, lookup=tokenizer_lookup)
     #: get_batch_cell_embeddings runs under torch.cuda.amp.autocast (float16) on a GPU
     upstream_gpu_dtype = "float16"
     #: binning is by rank within a cell, so counts and normalised + log1p data give the same tokens

@@ -98,6 +98,7 @@ import pandas as pd
 from ..errors import UserError
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
+from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,6 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
 #: the original's ``max_len``: 62 genes + ``</b>`` + ``</s>``
 DEFAULT_MAX_LEN = 64
-MIN_COVERAGE = 0.2
 SPECIALS = {"pad": "<pad>", "bos": "</b>", "eos": "</s>", "unk": "<unk>"}
 
 #: GPT2Config as tGPT's train.py builds it (GPT-2 defaults + its four settings); vocab_size and the
@@ -391,12 +391,9 @@ class TgptTokenizer(CellTokenizer):
             "vocabulary_size": vocab.size,
             "max_len": int(max_len),
         }
-        if self.coverage < min_coverage:
-            head = ", ".join(str(s) for s in table["symbol"].head(3).tolist())
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {n} genes are in tGPT's vocabulary (store genes look like: "
-                f"{head}); tGPT needs human HGNC gene symbols: mouse data or another gene ID type does not match"
-            )
+        check_coverage(self.coverage, n, "are in tGPT's vocabulary", table["symbol"].head(3).tolist(),
+                       "tGPT needs human HGNC gene symbols: mouse data or another gene ID type does not match",
+                       min_coverage)
 
     def tokenize_cell(self, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
         gi = np.asarray(gene_index, dtype=np.int64)
@@ -488,6 +485,21 @@ def check_state_dict(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
 # ---------------------------------------------------------------------------------------------- model
 
 
+def tgpt_lookup(fm: Any, tok: Any) -> np.ndarray:
+    # one-word genes only (a multi-word symbol spreads over several tokens); <unk> is no particular gene
+    single = np.asarray(tok.single, dtype=np.int64)
+    return np.where(single == fm.vocabulary().unk_id, -1, single)
+
+
+def tgpt_attention(fm: Any, module: Any, batch: dict[str, Any]) -> Any:
+    """Attention each token receives in the last layer (eager softmax)."""
+    body = getattr(module, "transformer", module)
+    with eager_attention(body.config):
+        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   output_attentions=True)
+    return received_attention(out.attentions[-1].float(), batch["attention_mask"])
+
+
 @register
 class TgptModel(FoundationModel):
     """tGPT: the top expressed genes of a cell as a sentence of gene symbols, GPT-2, mean over genes."""
@@ -496,6 +508,9 @@ class TgptModel(FoundationModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": _TINY, "1024-8-16-64": _REAL}
     # PEFT matches module-name suffixes: h.N.attn.c_attn (q/k/v), h.N.attn.c_proj and h.N.mlp.c_proj
     lora_targets: ClassVar[list[str]] = ["c_attn", "c_proj"]
+    #: gene-as-token: the gene-token embedding; baseline = the padding token at every gene token
+    attribution_adapter = AttributionAdapter(layer=lambda m: getattr(m, "transformer", m).wte, lookup=tgpt_lookup,
+                                            attention=tgpt_attention)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None,
         "preset": None,

@@ -99,9 +99,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .attention import SdpaSelfAttention
+from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
+from .contract import AttributionAdapter, check_coverage
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,6 @@ FILTER_MIN_GENES = 25
 UNUSED_MODULES = ("binary_decoder.", "gene_embedding_layer.")
 #: binary_decoder's input is output_dim + 1280 in the original whatever d_model is
 BINARY_EXTRA = 1280
-MIN_COVERAGE = 0.2
 
 _IN_PROJ_OFFICIAL = re.compile(r"^(transformer_encoder\.layers\.\d+\.self_attn\.)in_proj_(weight|bias)$")
 _IN_PROJ_MODULE = re.compile(r"^(transformer_encoder\.layers\.\d+\.self_attn\.)in_proj\.(weight|bias)$")
@@ -271,31 +271,10 @@ class SelfAttention(SdpaSelfAttention):
         return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
 
 
-class EncoderLayer(nn.Module):
-    """Equal to ``nn.TransformerEncoderLayer(d, nhead, d_hid, dropout)``: post-norm, ReLU, eps 1e-5."""
-
-    def __init__(self, d: int, nhead: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = SelfAttention(d, nhead, dropout)
-        self.linear1 = nn.Linear(d, d_hid)
-        self.linear2 = nn.Linear(d_hid, d)
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, first_only: bool = False) -> torch.Tensor:
-        """``first_only``: the output at position 0 only ([n, 1, d]), all a CLS embedding needs of the last layer."""
-        h = self.self_attn(x, attn_mask, first_only)
-        x = self.norm1((x[:, :1] if first_only else x) + self.dropout1(h))
-        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
-
 class _Layers(nn.Module):
     def __init__(self, d: int, nhead: int, d_hid: int, nlayers: int, dropout: float) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d, nhead, d_hid, dropout) for _ in range(nlayers))
+        self.layers = nn.ModuleList(EncoderLayer(d, nhead, d_hid, dropout, SelfAttention) for _ in range(nlayers))
 
 
 class UCEModel(nn.Module):
@@ -480,13 +459,9 @@ class UCETokenizer(CellTokenizer):
         self.coverage = self.n_matched / self.n_store_genes if self.n_store_genes else 0.0
         self.args = dict(args)
         self.seed = int(seed)
-        if self.coverage < MIN_COVERAGE:
-            examples = ", ".join(str(s) for s in order["symbol"][:3])
-            raise UserError(
-                f"only {self.coverage:.1%} of the store's {self.n_store_genes} genes have a UCE {species} protein "
-                f"embedding and chromosome position (store genes look like: {examples}); UCE needs gene symbols "
-                "of the chosen species (option 'species')"
-            )
+        check_coverage(self.coverage, self.n_store_genes,
+                       f"have a UCE {species} protein embedding and chromosome position", list(order["symbol"][:3]),
+                       "UCE needs gene symbols of the chosen species (option 'species')")
 
     def sentence(self, cell_id: str, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
         a = self.args
@@ -599,6 +574,19 @@ def token_table(ckpt: Path, pe: torch.Tensor, chrom_offset: int) -> torch.Tensor
 # --------------------------------------------------------------------------------------------- the model
 
 
+def uce_special_tokens(tok: Any, ids: np.ndarray) -> np.ndarray:
+    """CLS, chromosome-start and chromosome-end tokens: by place, since in the released token table their
+    ids are rows of the first species' protein embeddings too. Layout: CLS, (chrom, genes..., end)*."""
+    ids = np.asarray(ids, dtype=np.int64)
+    chrom = ids >= tok.args["CHROM_TOKEN_OFFSET"]
+    out = chrom.copy()
+    out[:1] = True
+    out[:-1] |= chrom[1:]  # the end token before the next chromosome's start
+    if len(ids) > 1:
+        out[-1] = True  # the last chromosome's end token
+    return out
+
+
 @register
 class UCE(FoundationModel):
     """UCE cell embeddings; options: ``species`` (protein embeddings to use, default human), ``seed`` (of the
@@ -607,6 +595,9 @@ class UCE(FoundationModel):
     name = "uce"
     presets: ClassVar[dict[str, dict[str, Any]]] = _PRESETS
     lora_targets: ClassVar[list[str]] = ["self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"]
+    #: gene-as-token: the protein-embedding layer; chromosome and CLS tokens are never genes
+    attribution_adapter = AttributionAdapter(layer=lambda m: m.pe_embedding, lookup=lambda fm, tok: tok.token,
+                                            special=uce_special_tokens)
     default_options: ClassVar[dict[str, Any]] = {
         "checkpoint": None, "preset": None, "species": "human", "seed": 0,
         # the original's --filter (default True there): genes expressed in < 10 of the store's cells left out.
