@@ -56,6 +56,7 @@ table.t td:first-child, table.t th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.5em 0 1.5em 0; }
 details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: bold; }
 .muted { color: #888; }
+p.caption { color: #444; font-size: 0.9em; margin: -1em 0 1.5em 0; font-style: italic; }
 """
 
 
@@ -101,6 +102,11 @@ def _img(fig: Figure, alt: str) -> str:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _caption(text: str) -> str:
+    """The one line under a plot saying what to read from it."""
+    return f'<p class="caption">{_esc(text)}</p>'
 
 
 def _colors(n: int) -> list[Any]:
@@ -151,7 +157,7 @@ def _condition_order(name: str) -> tuple[int, int, str]:
     return (2, 0, name)
 
 
-def _annotate(results: pd.DataFrame) -> pd.DataFrame:
+def annotate(results: pd.DataFrame) -> pd.DataFrame:
     """Add ``arm`` (model, plus head/strategy when they vary) and ``condition`` to the result rows."""
     df = results.copy()
     model = _col(df, "model", "?").astype(str)
@@ -231,7 +237,7 @@ def _leakage_note(results: pd.DataFrame) -> str:
     )
 
 
-def _heatmap(matrix: pd.DataFrame, title: str) -> str:
+def _heatmap(matrix: pd.DataFrame, title: str, metric: str = "F1") -> str:
     values = matrix.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
     fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * n_cols), max(2.0, 0.8 + 0.45 * n_rows)))
@@ -250,27 +256,36 @@ def _heatmap(matrix: pd.DataFrame, title: str) -> str:
                 text, color = ("n/a", "#555") if not np.isfinite(v) else (f"{v:.2f}", "w" if v < 0.6 else "k")
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="F1")
+    fig.colorbar(im, ax=ax, label=metric)
     return _img(fig, title)
 
 
 def _heatmaps(results: pd.DataFrame, breakdowns: pd.DataFrame) -> str:
+    """Per-dataset F1 (at p >= 0.5) and AUROC (threshold-free): held-out datasets of cross_data, and each
+    dataset's test cells in pooled folds (from the breakdowns)."""
     parts = []
     cross = results[_col(results, "scheme", None) == "cross_data"]
-    for cond in sorted(cross["condition"].unique(), key=_condition_order):
-        sub = cross[cross["condition"] == cond]
-        matrix = sub.pivot_table(index="arm", columns="test_dataset", values="f1", aggfunc="mean", dropna=False)
-        if matrix.size:
-            parts.append(_heatmap(matrix, f"F1, {cond}: model x held-out dataset"))
-    if not breakdowns.empty and {"unit_id", "group_key", "group_value", "f1"} <= set(breakdowns.columns):
-        units = results.drop_duplicates("unit_id").set_index("unit_id")[["arm", "condition"]]
-        bd = breakdowns[(breakdowns["group_key"] == "dataset")].join(units, on="unit_id", how="inner")
-        bd = bd[bd["condition"].str.startswith("pooled")]
-        for cond in sorted(bd["condition"].unique(), key=_condition_order):
-            sub = bd[bd["condition"] == cond]
-            matrix = sub.pivot_table(index="arm", columns="group_value", values="f1", aggfunc="mean", dropna=False)
+    for metric, label in (("f1", "F1"), ("auroc", "AUROC")):
+        for cond in sorted(cross["condition"].unique(), key=_condition_order):
+            sub = cross[cross["condition"] == cond]
+            matrix = sub.pivot_table(index="arm", columns="test_dataset", values=metric, aggfunc="mean", dropna=False)
             if matrix.size:
-                parts.append(_heatmap(matrix, f"F1, {cond}: model x dataset (test cells of each dataset)"))
+                parts.append(_heatmap(matrix, f"{label}, {cond}: model x held-out dataset", label) + _caption(
+                    f"{label} of each model on each dataset it never saw in training ({cond}); a dark row is a model "
+                    "that does not transfer, a dark column a dataset unlike the others; grey: undefined "
+                    "(one-class test set)."))
+        if not breakdowns.empty and {"unit_id", "group_key", "group_value", metric} <= set(breakdowns.columns):
+            bd = _with_condition(breakdowns[breakdowns["group_key"] == "dataset"], results)
+            bd = bd[bd["condition"].str.startswith("pooled")]
+            for cond in sorted(bd["condition"].unique(), key=_condition_order):
+                sub = bd[bd["condition"] == cond]
+                matrix = sub.pivot_table(index="arm", columns="group_value", values=metric, aggfunc="mean",
+                                         dropna=False)
+                if matrix.size:
+                    parts.append(_heatmap(matrix, f"{label}, {cond}: model x dataset (test cells of each dataset)",
+                                          label) + _caption(
+                        f"{label} on each dataset's test cells inside the pooled folds ({cond}): which datasets a "
+                        "model gets right when it has seen their neighbours; grey: undefined (one class)."))
     return "".join(parts) or '<p class="muted">No per-dataset results (no cross_data and no breakdowns).</p>'
 
 
@@ -297,23 +312,35 @@ def _scheme_plot(results: pd.DataFrame) -> str:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"mean {metric.upper()} (± sd over folds)")
     fig.axes[0].legend(fontsize=8, loc="lower left")
-    return _img(fig, "scheme comparison")
+    return _img(fig, "scheme comparison") + _caption(
+        "Mean AUROC and F1 of each model under each evaluation scheme (error bars: sd over folds); a drop from "
+        "pooled-cell to pooled-sample or cross_data is what the model loses on unseen samples or datasets.")
 
 
-def _roc_counts(paths: Iterable[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-bin counts of sensitive and resistant cells by predicted score, streamed (two columns read)."""
+def _roc_counts(paths: Iterable[Path], folds: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin counts of sensitive and resistant cells by predicted score, streamed (two or three columns
+    read); ``folds``: only the predictions of these folds (a unit's folds can belong to different
+    conditions: cross_data k=0 and k=20)."""
     pos = np.zeros(ROC_BINS, dtype=np.int64)
     neg = np.zeros(ROC_BINS, dtype=np.int64)
+    wanted = None if folds is None else np.asarray(sorted({int(f) for f in folds}), dtype=np.int64)
     for path in paths:
         try:
             pf = pq.ParquetFile(path)
-            if not {"y_true", "p_sensitive"} <= set(pf.schema_arrow.names):
-                log.warning("%s lacks y_true/p_sensitive; left out of the ROC curves", path)
+            names = set(pf.schema_arrow.names)
+            if not {"y_true", "p_sensitive"} <= names:
+                log.warning("%s lacks y_true/p_sensitive; left out of the curves", path)
                 continue
-            for batch in pf.iter_batches(batch_size=1 << 18, columns=["y_true", "p_sensitive"]):
+            if wanted is not None and "fold" not in names:
+                log.warning("%s lacks the fold column; left out of the curves", path)
+                continue
+            columns = ["y_true", "p_sensitive"] + (["fold"] if wanted is not None else [])
+            for batch in pf.iter_batches(batch_size=1 << 18, columns=columns):
                 y = batch.column("y_true").to_numpy(zero_copy_only=False).astype(float)
                 p = batch.column("p_sensitive").to_numpy(zero_copy_only=False).astype(float)
                 ok = np.isfinite(y) & np.isfinite(p)
+                if wanted is not None:
+                    ok &= np.isin(batch.column("fold").to_numpy(zero_copy_only=False).astype(np.int64), wanted)
                 bins = np.clip((p[ok] * ROC_BINS).astype(np.int64), 0, ROC_BINS - 1)
                 pos += np.bincount(bins[y[ok] == 1], minlength=ROC_BINS)
                 neg += np.bincount(bins[y[ok] == 0], minlength=ROC_BINS)
@@ -331,49 +358,138 @@ def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return fpr, tpr, float(np.trapezoid(tpr, fpr))
 
 
-def _roc_plot(results: pd.DataFrame, pred_dir: Path) -> str:
+def _pr(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """(recall, precision, average precision, prevalence) from the binned counts; thresholds from high to
+    low scores, empty bins skipped (they add no point). Sensitive is the positive class, as everywhere."""
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    keep = (pos + neg)[::-1] > 0
+    tp = np.cumsum(pos[::-1])[keep].astype(float)
+    fp = np.cumsum(neg[::-1])[keep].astype(float)
+    recall = tp / pos.sum()
+    precision = tp / (tp + fp)
+    ap = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    return (np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision]), ap,
+            float(pos.sum() / (pos.sum() + neg.sum())))
+
+
+def curve_counts(results: pd.DataFrame, pred_dir: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Binned (sensitive, resistant) counts per (condition, arm), from the predictions of exactly the folds
+    of that condition: one curve per condition, never k=0 and k=20 folds pooled together."""
+    out: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    if not pred_dir.is_dir() or "unit_id" not in results.columns:
+        return out
+    has_folds = "fold" in results.columns
+    for (cond, arm), g in results.groupby(["condition", "arm"], sort=False):
+        paths = [pred_dir / f"{u}.parquet" for u in g["unit_id"].unique() if (pred_dir / f"{u}.parquet").exists()]
+        if not paths:
+            continue
+        folds = g["fold"].dropna().astype(int).tolist() if has_folds else None
+        out[(str(cond), str(arm))] = _roc_counts(paths, folds)
+    return out
+
+
+def _curves_plot(results: pd.DataFrame, pred_dir: Path) -> str:
+    """ROC and precision-recall curves, one panel per condition (pooled-sample, pooled-cell, cross_data,
+    cross_data k=20, ...), one curve per model."""
     if not pred_dir.is_dir() or "unit_id" not in results.columns:
         return '<p class="muted">No predictions recorded.</p>'
-    units = results.drop_duplicates("unit_id")
-    conds = sorted(units["condition"].unique(), key=_condition_order)
-    arms = sorted(units["arm"].unique())
+    counts = curve_counts(results, pred_dir)
+    if not counts:
+        return '<p class="muted">No predictions with both classes to draw ROC curves from.</p>'
+    conds = sorted({c for c, _ in counts}, key=_condition_order)
+    arms = sorted(results["arm"].unique())
     colors = dict(zip(arms, _colors(len(arms)), strict=True))
     ncols = min(3, len(conds))
     nrows = -(-len(conds) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows))
+    figs = {kind: Figure(figsize=(4.2 * ncols, 4.0 * nrows)) for kind in ("roc", "pr")}
     drawn = 0
     for i, cond in enumerate(conds):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax_roc = figs["roc"].add_subplot(nrows, ncols, i + 1)
+        ax_pr = figs["pr"].add_subplot(nrows, ncols, i + 1)
+        prevalence = None
         for arm in arms:
-            ids = units.loc[(units["condition"] == cond) & (units["arm"] == arm), "unit_id"]
-            paths = [pred_dir / f"{u}.parquet" for u in ids if (pred_dir / f"{u}.parquet").exists()]
-            curve = _roc(*_roc_counts(paths)) if paths else None
-            if curve is None:
+            if (cond, arm) not in counts:
                 continue
-            fpr, tpr, auc = curve
-            ax.plot(fpr, tpr, color=colors[arm], lw=1.5, label=f"{arm} (AUC {auc:.3f})")
+            pos, neg = counts[(cond, arm)]
+            roc, pr = _roc(pos, neg), _pr(pos, neg)
+            if roc is None or pr is None:
+                continue
+            fpr, tpr, auc = roc
+            ax_roc.plot(fpr, tpr, color=colors[arm], lw=1.5, label=f"{arm} (AUC {auc:.3f})")
+            recall, precision, ap, prevalence = pr
+            ax_pr.step(recall, precision, where="post", color=colors[arm], lw=1.5, label=f"{arm} (AP {ap:.3f})")
             drawn += 1
-        ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
-        ax.set_title(cond)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_aspect("equal")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+        ax_roc.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+        ax_roc.set(title=cond, xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
+        if prevalence is not None:
+            ax_pr.axhline(prevalence, color="#999", lw=0.8, ls="--")
+        ax_pr.set(title=cond, xlabel="recall (sensitive)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        for ax in (ax_roc, ax_pr):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
     if drawn == 0:
         return '<p class="muted">No predictions with both classes to draw ROC curves from.</p>'
-    return _img(fig, "ROC curves") + (
-        '<p class="muted">Predictions of all folds pooled per model and scheme; AUC of the pooled curve '
-        "(it can differ from the mean of per-fold AUROCs above).</p>"
+    return (
+        "<h3>ROC</h3>" + _img(figs["roc"], "ROC curves") + _caption(
+            "Each model's test predictions of every fold of one condition pooled into one curve (the AUC of that "
+            "curve can differ from the mean of per-fold AUROCs); higher and further left is better, the dashed "
+            "diagonal is chance.")
+        + "<h3>Precision-recall</h3>" + _img(figs["pr"], "precision-recall curves") + _caption(
+            "Precision of the cells called sensitive against the share of sensitive cells found, same pooling; "
+            "the dashed line is the share of sensitive cells (chance), AP the average precision (AUPRC).")
     )
+
+
+def _ci_plot(results: pd.DataFrame, metric: str = "auroc") -> str:
+    """Every fold's metric with its bootstrap 95% confidence interval, one panel per condition."""
+    lo, hi = f"{metric}_ci_low", f"{metric}_ci_high"
+    if lo not in results.columns or hi not in results.columns or not results[lo].notna().any():
+        return '<p class="muted">No bootstrap intervals (evaluation.bootstrap: 0).</p>'
+    conds = sorted(results["condition"].unique(), key=_condition_order)
+    arms = sorted(results["arm"].unique())
+    colors = dict(zip(arms, _colors(len(arms)), strict=True))
+    ncols = min(3, len(conds))
+    nrows = -(-len(conds) // ncols)
+    fig = Figure(figsize=(max(4.5, 1.1 * len(arms) + 2) * ncols, 3.6 * nrows))
+    for i, cond in enumerate(conds):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        sub = results[results["condition"] == cond]
+        for j, arm in enumerate(arms):
+            g = sub[sub["arm"] == arm]
+            v = pd.to_numeric(g[metric], errors="coerce").to_numpy(dtype=float)
+            a = pd.to_numeric(g[lo], errors="coerce").to_numpy(dtype=float)
+            b = pd.to_numeric(g[hi], errors="coerce").to_numpy(dtype=float)
+            ok = np.isfinite(v) & np.isfinite(a) & np.isfinite(b)
+            if not ok.any():
+                continue
+            x = j + np.linspace(-0.25, 0.25, ok.sum()) if ok.sum() > 1 else np.array([float(j)])
+            ax.errorbar(x, v[ok], yerr=[np.clip(v[ok] - a[ok], 0, None), np.clip(b[ok] - v[ok], 0, None)], fmt="o",
+                        ms=4, capsize=2, color=colors[arm])
+            ax.hlines(v[ok].mean(), j - 0.35, j + 0.35, color=colors[arm], lw=2)
+        if metric == "auroc":
+            ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+        ax.set_xticks(range(len(arms)), arms, rotation=30 if len(arms) > 3 else 0,
+                      ha="right" if len(arms) > 3 else "center")
+        ax.set(ylim=(0, 1.05), title=f"{cond}: {metric.upper()} per fold, 95% CI")
+    return _img(fig, f"{metric} per fold with bootstrap confidence intervals") + _caption(
+        "One point per fold with its bootstrap 95% interval (test cells resampled), the bar the mean over folds: "
+        "intervals that overlap across models mean the data cannot tell them apart.")
+
+
+def _with_condition(breakdowns: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Breakdown rows with the arm and condition of their own fold (a unit's folds can belong to different
+    conditions: cross_data k=0 and k=20), by (unit_id, fold) where both tables have folds."""
+    keys = ["unit_id", "fold"] if "fold" in breakdowns.columns and "fold" in results.columns else ["unit_id"]
+    folds = results.drop_duplicates(keys).set_index(keys)[["arm", "condition"]]
+    return breakdowns.join(folds, on=keys, how="inner")
 
 
 def _breakdown_tables(results: pd.DataFrame, breakdowns: pd.DataFrame) -> str:
     need = {"unit_id", "group_key", "group_value"}
     if breakdowns.empty or not need <= set(breakdowns.columns):
         return '<p class="muted">No breakdowns recorded.</p>'
-    units = results.drop_duplicates("unit_id").set_index("unit_id")[["arm", "condition"]]
-    bd = breakdowns.join(units, on="unit_id", how="inner")
+    bd = _with_condition(breakdowns, results)
     parts = []
     for key in BREAKDOWN_GROUPS:
         sub = bd[(bd["group_key"] == key) & bd["group_value"].notna()]
@@ -470,7 +586,7 @@ def build_report(run_dir: Path) -> Path:
     results_path = run_dir / "results.parquet"
     if not results_path.exists():
         raise UserError(f"{run_dir} has no results.parquet; is it the output directory of `scdrugmap-ray run`?")
-    results = _annotate(pd.read_parquet(results_path))
+    results = annotate(pd.read_parquet(results_path))
     breakdowns = _read_parquet(run_dir / "breakdowns.parquet")
     manifest = _read_manifest(run_dir)
     for m in ALL_METRICS:  # an absent metric column reads as n/a everywhere
@@ -497,8 +613,9 @@ def build_report(run_dir: Path) -> Path:
         sections = [
             ("Summary (mean ± sd over folds and seeds)", _summary(results) + _leakage_note(results)),
             ("Scheme comparison", _scheme_plot(results)),
-            ("F1 by dataset", _heatmaps(results, breakdowns)),
-            ("ROC curves", _roc_plot(results, run_dir / "predictions")),
+            ("Confidence intervals", _ci_plot(results)),
+            ("F1 and AUROC by dataset", _heatmaps(results, breakdowns)),
+            ("ROC and precision-recall curves", _curves_plot(results, run_dir / "predictions")),
             ("Breakdowns (mean ± sd over folds)", _breakdown_tables(results, breakdowns)),
             ("Per fold", _unit_table(results)),
         ]

@@ -113,8 +113,10 @@ def test_full_report(tmp_path: Path) -> None:
     sel = res[(res.model == "pca-logreg") & (res.split == "sample")]
     assert f"{_mean_sd(sel['auroc'])} (2/3)" in page
     assert "<td>n/a</td>" in page
-    # Plots: scheme comparison, cross-data heatmap, 2 pooled heatmaps (from breakdowns), ROC curves.
-    assert page.count('src="data:image/png;base64,') == 5
+    # Plots: scheme comparison, CI per fold, F1 and AUROC heatmaps (cross-data, 2 pooled from breakdowns each),
+    # ROC and precision-recall curves; every plot with its one-line caption.
+    assert page.count('src="data:image/png;base64,') == 10
+    assert page.count('<p class="caption">') == 10
     assert "Leakage check" in page
     # User data is escaped everywhere; nothing external, no scripts.
     assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -135,7 +137,7 @@ def test_report_without_cross_data_breakdowns_or_manifest(tmp_path: Path) -> Non
     assert "manifest.json not found" in page
     # Random weights are also read from results.random_weights when there is no manifest.
     assert 'class="banner">RANDOM WEIGHTS: rand-fm' in page
-    assert page.count('src="data:image/png;base64,') == 2  # scheme comparison and ROC
+    assert page.count('src="data:image/png;base64,') == 4  # scheme comparison, CIs, ROC and PR
 
 
 def test_report_all_metrics_nan_and_no_predictions(tmp_path: Path) -> None:
