@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, write_json
+from .catalog import ANNOTATED, annotate_columns
 from .gene_ids import ensembl_to_symbols, looks_like_ensembl, symbols_to_ensembl
 from .schema import METADATA_COLUMNS, SCHEMA_VERSION, SHARD_SCHEMA, parse_labels
 from .store import CellStore
@@ -344,8 +345,6 @@ def _plan(h: _H5ad, opts: ConvertOptions) -> _Plan:
     if unknown_map:
         raise UserError(f"--obs-map {sorted(unknown_map)}: only {', '.join(METADATA_COLUMNS[2:])} can be mapped")
     if opts.catalog:
-        from .catalog import ANNOTATED, annotate_columns
-
         ann = annotate_columns(columns["dataset"], columns, opts.catalog, len(obs))
         report.catalog = ann.lines()
         for col in ANNOTATED:

@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import UserError
+from ..fsutil import atomic_file
+from ..runtime import user_error_in
 from .hf import hf_tokenizer, read_config
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,6 @@ class ResponseCache:
     def put(self, key: str, res: ChatResult) -> None:
         if self.root is None or res.error is not None:
             return  # failures are asked again next time
-        from ..fsutil import atomic_file
 
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -369,8 +370,6 @@ class RemoteChatBackend(ChatBackend):
 
     def complete(self, chats: Sequence[list[dict[str, str]]], params: dict[str, Any]) -> tuple[list[ChatResult], Usage]:
         import ray
-
-        from ..runtime import user_error_in
 
         try:
             return ray.get(self._actor.complete.remote(list(chats), params))

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .sentence import fit_words
+
 LABELS = {"sensitive": 1, "resistant": 0}
 CONTEXT_COLUMNS = (("cancer_type", "cancer type"), ("tissue", "tissue"), ("therapy", "therapy"), ("regimen", "drug"))
 
@@ -128,8 +130,6 @@ def fit_messages(query: PromptCell, examples: Sequence[PromptCell], *, context: 
                  ) -> tuple[list[dict[str, str]], int]:
     """The chat cut to ``budget`` prompt tokens by dropping the lowest-ranked genes of its cells; returns
     it and how many genes of the query cell were dropped."""
-    from .sentence import fit_words
-
     longest = max([len(query.words), *(len(e.words) for e in examples)])
 
     def fits(n: int) -> bool:

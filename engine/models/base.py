@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import UserError
+from ..fsutil import atomic_dir, write_json
 from .contract import AttributionAdapter
 
 if TYPE_CHECKING:
@@ -223,8 +224,6 @@ class FoundationModel(EmbeddingModel):
             raise UserError(f"model {self.name!r} has no preset {preset!r}; presets: {', '.join(self.presets)}")
         path = cache_root() / "checkpoints" / f"{self.name}-{preset}-random"
         if not path.exists():
-            from ..fsutil import atomic_dir
-
             # Written once into the (shared) cache; presets are seeded, so a second writer racing this
             # one (another actor, another node) writes the same bytes and simply loses the rename.
             try:
@@ -278,8 +277,6 @@ class FoundationModel(EmbeddingModel):
     def mark_random(cls, out_dir: Path, preset: str, note: str = "random weights, not pretrained",
                     **extra: Any) -> None:
         """The marker init_random leaves beside the official files, so every output says "random weights"."""
-        from ..fsutil import write_json
-
         write_json(out_dir / RANDOM_WEIGHTS_MARKER, {"model": cls.name, "preset": preset, "note": note, **extra})
 
     def embed_store(self, store: CellStore) -> np.ndarray:

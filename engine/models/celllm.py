@@ -94,7 +94,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..data.gene_ids import gene_table
 from ..errors import UserError
+from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, short_keys
 from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
@@ -428,8 +430,6 @@ def read_state(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
 def stand_in_gene_list(n: int) -> list[str]:
     """n human gene symbols (with an Ensembl ID, in Entrez order) from the package's gene table: only for
     random-weight checkpoints, since CellLM's own list is not public."""
-    from ..data.gene_ids import gene_table
-
     t = gene_table().dropna(subset=["ensembl_id"]).drop_duplicates("symbol")
     t = t.assign(entrez_num=pd.to_numeric(t["entrez"], errors="coerce")).sort_values("entrez_num", kind="stable")
     symbols = t["symbol"].tolist()
@@ -537,8 +537,6 @@ class CellLMModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file, write_json
-
         if preset not in cls.presets:
             raise UserError(f"model 'celllm' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         structure = {**copy.deepcopy(cls.presets[preset]), **(config or {})}

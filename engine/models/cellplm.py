@@ -80,6 +80,7 @@ from torch import nn
 
 from ..data.gene_ids import ensembl_to_symbols
 from ..errors import UserError
+from ..fsutil import atomic_file
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
 from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
@@ -587,8 +588,6 @@ class CellPLMModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file
-
         if preset not in cls.presets:
             raise UserError(f"model 'cellplm' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         raw = {**copy.deepcopy(cls.presets[preset]), **copy.deepcopy(config or {})}

@@ -74,6 +74,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
 from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
@@ -584,8 +585,6 @@ class GeneformerModel(FoundationModel):
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
         from safetensors.torch import save_file
-
-        from ..fsutil import atomic_file, write_json
 
         if preset not in cls.presets:
             raise UserError(f"model 'geneformer' has no preset {preset!r}; presets: {', '.join(cls.presets)}")

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ..data.gene_ids import gene_table
 from ..errors import UserError
 from ..llm.client import RemoteChatBackend
 from ..llm.hf import hf_tokenizer, read_config
@@ -306,8 +307,6 @@ def stand_in_tokenizer(vocab_size: int) -> Any:
     special tokens and chat template: any text encodes, symbols take a few tokens each. Deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from ..data.gene_ids import gene_table
 
     symbols = sorted(set(gene_table()["symbol"].dropna().astype(str)))
     tok = Tokenizer(models.BPE())

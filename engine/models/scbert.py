@@ -81,6 +81,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..fsutil import atomic_file
 from .base import CellTokenizer, FoundationModel, register
 from .checkpoint import check_state, load_weights_file, short_keys
 from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
@@ -464,8 +465,6 @@ class ScBertModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file
-
         if preset not in cls.presets:
             raise UserError(f"model 'scbert' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         cfg = validate_config({**copy.deepcopy(cls.presets[preset]), **(config or {})})

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..fsutil import atomic_file
 from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
@@ -602,8 +603,6 @@ class ScFoundationModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file
-
         if preset not in cls.presets:
             raise UserError(f"model 'scfoundation' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         cfg = validate_config(_deep_merge(cls.presets[preset], config or {}))

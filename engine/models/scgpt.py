@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..fsutil import atomic_file, write_json
 from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
@@ -690,8 +691,6 @@ class ScGPTModel(FoundationModel):
 
     @classmethod
     def init_random(cls, out_dir: Path, preset: str = "tiny", config: dict[str, Any] | None = None) -> Path:
-        from ..fsutil import atomic_file, write_json
-
         if preset not in cls.presets:
             raise UserError(f"model 'scgpt' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         args = {**copy.deepcopy(cls.presets[preset]), **copy.deepcopy(config or {})}

@@ -95,7 +95,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ..data.gene_ids import ensembl_to_symbols, gene_table
 from ..errors import UserError
+from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
 from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
@@ -303,8 +305,6 @@ def _present(x: Any) -> bool:
 def store_symbols(genes: pd.DataFrame) -> list[str | None]:
     """The gene symbol of every store gene (position order); Ensembl IDs in place of symbols, or a
     missing symbol with an Ensembl ID, are named through org.Hs.eg.db."""
-    from ..data.gene_ids import ensembl_to_symbols
-
     table = genes.sort_values("position")
     syms = table["symbol"].tolist()
     ens = table["ensembl_id"].tolist() if "ensembl_id" in table else [None] * len(syms)
@@ -678,8 +678,6 @@ class TgptModel(FoundationModel):
         import torch
         from transformers import GPT2LMHeadModel
 
-        from ..fsutil import atomic_file, write_json
-
         if preset not in cls.presets:
             raise UserError(f"model 'tgpt' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         overrides = dict(config or {})
@@ -748,9 +746,6 @@ def write_standin_tokenizer(out_dir: Path, genes: list[str] | None = None) -> in
     """Write tokenizer files with the official structure (WordLevel, Whitespace, ``</b> $A </s>``,
     ``<pad>``/``</b>``/``</s>``/``<unk>`` = 0-3) over ``genes`` or org.Hs.eg.db's symbols with an Ensembl ID;
     returns the number of gene tokens. For tests and demos without the (GPL-3) official tokenizer."""
-    from ..data.gene_ids import gene_table
-    from ..fsutil import write_json
-
     if genes is None:  # the symbols of genes with an Ensembl ID: ~36,600, about the real vocabulary's size
         genes = gene_table().dropna(subset=["ensembl_id"])["symbol"].dropna().tolist()
     words = sorted({rewrite_symbol(str(g).strip()) for g in genes if _present(g)})

@@ -99,10 +99,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..fsutil import atomic_file, write_json
 from .attention import EncoderLayer, SdpaSelfAttention
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
 from .contract import AttributionAdapter, check_coverage
+from .scfoundation import load_gene_list
 
 log = logging.getLogger(__name__)
 
@@ -704,9 +706,6 @@ class UCE(FoundationModel):
         """A random-weight checkpoint plus random stand-in assets (protein embeddings for the 19,264 human
         symbols of scFoundation's gene list, offsets, a chromosome table with random positions, the token
         table) in the original's file formats and names."""
-        from ..fsutil import atomic_file, write_json
-        from .scfoundation import load_gene_list
-
         if preset not in cls.presets:
             raise UserError(f"model 'uce' has no preset {preset!r}; presets: {', '.join(cls.presets)}")
         over = dict(config or {})

@@ -382,7 +382,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-
     settings = LoraSettings(**config["settings"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -443,7 +442,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tensors = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in fm.collate(rows).items()}  # type: ignore[attr-defined]
         with _autocast(device, settings.precision):
             return classifier(tensors).float()
-
 
     def train_mode() -> None:
         classifier.train()
