@@ -26,7 +26,6 @@ from scdrugmap_ray.engine.models.celllm import (
     official_shapes,
     resolve_config,
 )
-from torch import nn
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -371,21 +370,6 @@ def test_long_cell_and_mean_pool(tiny: tuple, tiny_dir: Path) -> None:
     assert torch.isfinite(emb).all() and torch.isfinite(emb_mean).all()
     torch.testing.assert_close(emb_mean[1], hidden[0, 1:3].mean(0), atol=1e-5, rtol=0)
     assert torch.count_nonzero(emb_mean[2]) == 0  # a cell with no gene of the list: zeros for mean
-
-
-def test_lora_targets_are_linear_layers_called_in_forward(tiny: tuple) -> None:
-    model, module = tiny
-    called: set[str] = set()
-    targets = [(n, m) for n, m in module.named_modules() if any(n.endswith(t) for t in model.lora_targets)]
-    assert len(targets) == 6 * 2  # q, k, v, out, w1, w2 per layer, 2 layers; never the unused LM head to_out
-    assert "to_out" not in {n for n, _ in targets}
-    for name, mod in targets:
-        assert isinstance(mod, nn.Linear)
-        mod.register_forward_hook(lambda m, i, o, name=name: called.add(name))
-    rows = {"input_ids": [np.array([19_379, 3, 8], dtype=np.int32)], "tokens": [np.array([6, 1, 0], dtype=np.int32)]}
-    with torch.inference_mode():
-        model.embed(module, model.collate(rows))
-    assert called == {n for n, _ in targets}
 
 
 def test_gradient_path_equals_inference_path(tiny: tuple) -> None:

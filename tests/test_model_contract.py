@@ -1,17 +1,20 @@
 """The model contract, once, over every registered foundation model (engine/models/contract.py and
 base.py): a random-weight ``tiny`` preset written into the cache, the class attributes every model sets
 (LoRA targets, attribution adapter), the one coverage refusal, and a truncated checkpoint refused in one
-line. Model-specific behaviour stays in tests/test_model_<name>.py."""
+line, and LoRA targets that are linear layers really called in forward. Model-specific behaviour stays in
+tests/test_model_<name>.py."""
 
 from __future__ import annotations
 
 import importlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.models import contract
 from scdrugmap_ray.engine.models.base import FoundationModel, available_models, get_model, model_class
@@ -85,3 +88,54 @@ def test_truncated_checkpoint_is_one_line(name: str, tmp_path: Path) -> None:
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         get_model(name, {"checkpoint": str(cut)}).load()  # type: ignore[attr-defined]
+
+
+def _scbert_forward(model: object, module: torch.nn.Module) -> None:
+    module(torch.zeros(1, 256, dtype=torch.long))  # the same forward as embed, on a short prefix
+
+
+def _rows(**fields: list[float]) -> dict[str, list[np.ndarray]]:
+    return {k: [np.array(v, dtype=np.int32 if k in ("input_ids", "tokens") else np.float32)] for k, v in fields.items()}
+
+
+# per model: how many modules the LoRA targets name in the tiny preset, and one cell to run forward
+LORA_PROBES: dict[str, tuple[int, Any]] = {
+    # 4 per layer, 2 layers, and the value encoder's linear1 / linear2
+    "scgpt": (4 * 2 + 2, _rows(input_ids=[60_695, 5, 9], values=[-2, 1, 3])),  # <cls> (60,695) and two genes
+    # q, k, v, out, w1, w2 per layer, 2 layers; never the unused LM head to_out
+    "celllm": (6 * 2, _rows(input_ids=[19_379, 3, 8], tokens=[6, 1, 0])),
+    "cellplm": (6 * 2, _rows(input_ids=[1, 5], values=[1.0, 2.0])),  # 6 per layer, 2 layers
+    "scfoundation": (4 * 2, _rows(input_ids=[1, 19264, 19265], values=[1.0, 4.0, 3.0])),  # 4 per layer, 2 layers
+    "scbert": (4 * 2, _scbert_forward),  # 4 per layer, depth 2
+    "uce": (4 * 2, _rows(input_ids=[3, 10, 2])),  # 4 per layer, 2 layers
+}
+
+
+@pytest.mark.parametrize("name", sorted(LORA_PROBES))
+def test_lora_targets_are_linear_layers_called_in_forward(name: str) -> None:
+    model = get_model(name, {"preset": "tiny"})
+    module = model.load()  # type: ignore[attr-defined]
+    n_targets, probe = LORA_PROBES[name]
+    if name in ("scbert", "uce"):  # the depth of the tiny preset
+        depth = model.presets["tiny"]["depth" if name == "scbert" else "nlayers"]  # type: ignore[attr-defined]
+        assert n_targets == 4 * depth
+    called: set[str] = set()
+    targets = [(n, m) for n, m in module.named_modules() if any(n.endswith(t) for t in model.lora_targets)]  # type: ignore[attr-defined]
+    assert len(targets) == n_targets
+    assert all(any(n.endswith(t) for n, _ in targets) for t in model.lora_targets)  # type: ignore[attr-defined]
+    assert not any(n.split(".")[0] == "to_out" for n, _ in targets)  # never a pretraining head
+    hooks = []
+    for target, mod in targets:
+        assert isinstance(mod, torch.nn.Linear)
+        hooks.append(mod.register_forward_hook(lambda m, i, o, target=target: called.add(target)))
+    try:
+        with torch.inference_mode():
+            if callable(probe):
+                probe(model, module)
+            else:
+                model.embed(module, model.collate(probe))  # type: ignore[attr-defined]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called == {n for n, _ in targets}
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())

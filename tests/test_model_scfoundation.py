@@ -352,23 +352,6 @@ def test_pool_max_and_degenerate_cells(tiny: tuple, tiny_dir: Path) -> None:
     torch.testing.assert_close(emb3[:2], emb, atol=1e-5, rtol=0)
 
 
-def test_lora_targets_are_linear_layers_called_in_forward(tiny: tuple) -> None:
-    model, module = tiny
-    called: set[str] = set()
-    targets = [(n, m) for n, m in module.named_modules() if any(n.endswith(t) for t in model.lora_targets)]
-    assert len(targets) == 4 * 2  # 4 per layer, 2 layers
-    for name, mod in targets:
-        assert isinstance(mod, nn.Linear)
-        mod.register_forward_hook(lambda m, i, o, name=name: called.add(name))
-    rows = {
-        "input_ids": [np.array([1, 19264, 19265], dtype=np.int32)],
-        "values": [np.array([1.0, 4.0, 3.0], dtype=np.float32)],
-    }
-    with torch.inference_mode():
-        model.embed(module, model.collate(rows))
-    assert called == {n for n, _ in targets}
-
-
 def test_bf16_module(tiny: tuple, tiny_dir: Path, real: dict) -> None:
     model, module = tiny
     half = model.load(dtype=torch.bfloat16)

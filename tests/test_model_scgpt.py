@@ -516,21 +516,6 @@ def test_pre_norm_scheme(tmp_path: Path) -> None:
     np.testing.assert_allclose(got.numpy(), x[:, 0].numpy(), atol=1e-5)
 
 
-def test_lora_targets_are_linear_layers_called_in_forward(tiny: tuple) -> None:
-    model, module = tiny
-    called: set[str] = set()
-    targets = [(n, m) for n, m in module.named_modules() if any(n.endswith(t) for t in model.lora_targets)]
-    assert len(targets) == 4 * 2 + 2  # 4 per layer, 2 layers, and the value encoder's linear1 / linear2
-    for name, mod in targets:
-        assert isinstance(mod, nn.Linear)
-        mod.register_forward_hook(lambda m, i, o, name=name: called.add(name))
-    rows = {"input_ids": [np.array([CLS, 5, 9], dtype=np.int32)], "values": [np.array([-2, 1, 3], dtype=np.float32)]}
-    with torch.inference_mode():
-        model.embed(module, model.collate(rows))
-    assert called == {n for n, _ in targets}
-    assert not any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
-
-
 def test_bf16_module(tiny: tuple, real: dict) -> None:
     model, module = tiny
     half = model.load(dtype=torch.bfloat16)
