@@ -68,7 +68,9 @@ import scipy.sparse as sp
 
 from ..errors import UserError
 from ..models.base import FoundationModel, Model, available_models, model_class
+from ..models.baselines import HVGMLP, PCALogReg
 from ..models.contract import AttributionAdapter
+from ..train.heads import LogRegHead, MLPHead
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,6 @@ def head_score_fn(head: Any) -> Callable[[Any], Any]:
     LoRA head (an nn.Module giving two logits)."""
     import torch
 
-    from ..train.heads import LogRegHead, MLPHead
-
     if isinstance(head, MLPHead):
         # copies: loaded heads may hold read-only arrays, which torch.from_numpy warns about
         mean, std = torch.tensor(np.asarray(head.mean)), torch.tensor(np.asarray(head.std))
@@ -187,8 +187,6 @@ def baseline_feature_fn(model: Model) -> Callable[[Any], Any]:
     """torch function prepared values [n, genes] -> the baseline's features, equal to ``model.transform``."""
     import torch
 
-    from ..models.baselines import HVGMLP, PCALogReg
-
     if isinstance(model, PCALogReg):
         assert model.components is not None and model.mean is not None
         comp = torch.tensor(np.asarray(model.components))
@@ -204,8 +202,6 @@ def baseline_feature_fn(model: Model) -> Callable[[Any], Any]:
 def gene_coefficients(model: Model, head: Any) -> np.ndarray | None:
     """A linear model's own per-gene weights: d(sensitive log-odds)/d(gene's prepared value). PCA +
     logistic regression: sum_k loading[k, g] * coef[k] / std[k]. None for nonlinear models."""
-    from ..models.baselines import PCALogReg
-    from ..train.heads import LogRegHead
 
     if isinstance(model, PCALogReg) and isinstance(head, LogRegHead):
         assert model.components is not None and head.coef is not None and head.std is not None

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..models.base import get_model
+from ..pipeline.bench import PeakRSS, read_cells, spread_rows
+from ..pipeline.embed import embed_block, tokenize_rows
+
 if TYPE_CHECKING:
     from ..data.store import CellStore
 
 
 def bench_llama(options: dict[str, Any], store: CellStore, n_cells: int, batch_tokens: int) -> list[str]:
-    import torch
-
-    from ..models.base import get_model
-    from ..pipeline.bench import PeakRSS, read_cells, spread_rows
-    from ..pipeline.embed import embed_block, tokenize_rows
+    import torch  # heavy: only the benchmark needs it
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process (no spawn)
     rows = spread_rows(store, n_cells)
