@@ -485,6 +485,92 @@ def _with_condition(breakdowns: pd.DataFrame, results: pd.DataFrame) -> pd.DataF
     return breakdowns.join(folds, on=keys, how="inner")
 
 
+EMBEDDING_MAP_CELLS = 3000  # cells drawn per embedding map (a seeded sample: memory does not grow with the data)
+
+
+def _embedding_folders(manifest: dict[str, Any]) -> list[tuple[str, str, Path, Path]]:
+    """(data name, model key, cell store, embedding folder) of every finished embedding of the run's data by
+    its foundation models and precomputed (obsm) embeddings, found in the run's cache."""
+    from scdrugmap_ray.engine.models.base import cache_root
+
+    from .stores import embedding_path
+
+    spec = manifest.get("spec") or {}
+    cache = Path(spec["cache"]) if spec.get("cache") else cache_root()
+    out = []
+    for data in manifest.get("data") or []:
+        store_dir = Path(str(data.get("path", "")))
+        if not (store_dir / "meta.json").is_file():
+            continue
+        from scdrugmap_ray.engine.data.store import CellStore
+
+        store = CellStore.open(store_dir)
+        for m in manifest.get("models") or []:
+            ident = m.get("identity") or {}
+            embeds = "checkpoint_sha256" in ident or str(m.get("name", "")).startswith("obsm:")
+            folder = embedding_path(cache, store, ident) if embeds else None
+            if folder is not None and (folder / "_embedding.json").is_file():
+                out.append((str(data.get("name")), str(m.get("name") or m.get("key")), store_dir, folder))
+    return out
+
+
+def _project_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates: UMAP when umap-learn is installed, else the first two principal components."""
+    import importlib.util
+
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64))
+    if importlib.util.find_spec("umap") is not None and len(x) > 15:
+        import umap
+
+        return np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(x)), "UMAP"
+    centred = x - x.mean(axis=0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    share = (sv[:2] ** 2).sum() / max((sv**2).sum(), 1e-12)
+    return centred @ vt[:2].T, f"PCA ({share:.0%} of variance)"
+
+
+def _embedding_maps(manifest: dict[str, Any]) -> str:
+    """Per (data, embedding model): its cells in 2-D, coloured by drug-response label and by dataset."""
+    from scdrugmap_ray.engine.data.store import CellStore
+    from scdrugmap_ray.engine.pipeline.embed import EmbeddingSet
+
+    parts = []
+    try:
+        folders = _embedding_folders(manifest)
+    except (OSError, ValueError, KeyError, UserError) as err:
+        log.warning("embedding maps left out: %s", err)
+        folders = []
+    for data_name, model_key, store_dir, folder in folders:
+        store = CellStore.open(store_dir)
+        rng = np.random.default_rng(0)
+        n = store.n_cells
+        rows = np.sort(rng.choice(n, size=min(n, EMBEDDING_MAP_CELLS), replace=False))
+        emb = EmbeddingSet(folder).take(rows)
+        obs = store.obs(["label", "dataset"]).iloc[rows]
+        xy, method = _project_2d(emb)
+        fig = Figure(figsize=(10, 4.2))
+        label = obs["label"].map({1: "sensitive", 0: "resistant"}).fillna("unlabelled").astype(str).to_numpy()
+        dataset = obs["dataset"].astype(str).to_numpy()
+        for pos, (title, values) in enumerate((("drug response", label), ("dataset", dataset))):
+            ax = fig.add_subplot(1, 2, pos + 1)
+            names = sorted(set(values))
+            palette = {"sensitive": "#1e88e5", "resistant": "#e53935", "unlabelled": "#bdbdbd"} if pos == 0 else \
+                dict(zip(names, _colors(len(names)), strict=True))
+            for name in names:
+                sel = values == name
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=palette.get(name), label=name,
+                           linewidths=0)
+            ax.set(title=f"coloured by {title}", xticks=[], yticks=[], xlabel=f"{method} 1", ylabel=f"{method} 2")
+            if len(names) <= 12:
+                ax.legend(fontsize=7, markerscale=2, loc="best")
+        fig.suptitle(f"{model_key} on {data_name}")
+        parts.append(_img(fig, f"embedding map: {model_key} on {data_name}") + _caption(
+            f"{len(rows):,} of {n:,} cells in the {method} of {model_key}'s embeddings: sensitive and resistant cells "
+            "apart (left) is what a head can learn; cells grouped by dataset (right) is a batch effect it must "
+            "see past."))
+    return "".join(parts) or '<p class="muted">No embeddings of foundation models or obsm in this run\'s cache.</p>'
+
+
 def _breakdown_tables(results: pd.DataFrame, breakdowns: pd.DataFrame) -> str:
     need = {"unit_id", "group_key", "group_value"}
     if breakdowns.empty or not need <= set(breakdowns.columns):
@@ -616,6 +702,7 @@ def build_report(run_dir: Path) -> Path:
             ("Confidence intervals", _ci_plot(results)),
             ("F1 and AUROC by dataset", _heatmaps(results, breakdowns)),
             ("ROC and precision-recall curves", _curves_plot(results, run_dir / "predictions")),
+            ("Embedding maps", _embedding_maps(manifest)),
             ("Breakdowns (mean ± sd over folds)", _breakdown_tables(results, breakdowns)),
             ("Per fold", _unit_table(results)),
         ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from scdrugmap_ray.jobs import report
 from scdrugmap_ray.jobs.report import annotate, build_report, curve_counts
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -60,3 +61,23 @@ def test_few_shot_folds_are_not_pooled(tmp_path: Path) -> None:
     assert "<h3>ROC</h3>" in page and "<h3>Precision-recall</h3>" in page
     assert page.count('src="data:image/png;base64,') == page.count('<p class="caption">')
     assert "AUROC, cross_data k=20: model x held-out dataset" in page  # per-dataset AUROC heatmap (alt text)
+
+
+@pytest.mark.slow
+def test_embedding_map_of_real_cells(shared_dir: Path, ray_session: None, tmp_path: Path) -> None:
+    """A run on real cells with scFoundation's published embeddings (obsm of SCAD JHU006) draws their map,
+    coloured by response and dataset, from the run's embedding cache."""
+    import scdrugmap_ray as sdr
+
+    res = sdr.run({
+        "name": "map", "data": [{"path": str(shared_dir / "data/scad_target_JHU006_Kinker2020_GSE157220.h5ad"),
+                                 "name": "jhu006", "label_key": "response_Afatinib"}],
+        "models": [{"name": "obsm:X_scFoundation_50M_tgthighres4", "head": "logreg"}],
+        "strategies": ["frozen"], "evaluation": {"pooled": {"folds": 2, "split": "cell"}, "bootstrap": 20},
+        "output": str(tmp_path / "run"), "cache": str(tmp_path / "cache"),
+    }, progress=False)
+    page = res.report.read_text(encoding="utf-8")
+    assert 'alt="embedding map: obsm:X_scFoundation_50M_tgthighres4 on jhu006"' in page
+    assert "120 of 120 cells in the PCA" in page or "120 of 120 cells in the UMAP" in page
+    assert 'alt="auroc per fold with bootstrap confidence intervals"' in page  # bootstrap: 20 -> CI plot
+    assert page.count('src="data:image/png;base64,') == page.count('<p class="caption">')
