@@ -58,9 +58,10 @@ def test_packaging_declares_what_it_imports() -> None:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     project, st = meta["project"], meta["tool"]["setuptools"]
     declared = {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
-    declared |= {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["llm"]}
+    declared |= {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower() for extra in ("llm", "report")
+                 for d in project["optional-dependencies"][extra]}
     dist_of = {"yaml": "pyyaml", "sklearn": "scikit-learn", "performer_pytorch": "performer-pytorch",
-               "swagger_ui_bundle": "swagger-ui-bundle-v2", "multipart": "python-multipart"}
+               "swagger_ui_bundle": "swagger-ui-bundle-v2", "multipart": "python-multipart", "umap": "umap-learn"}
     imported: dict[str, str] = {}
     dirs = {v: k for k, v in st["package-dir"].items()}
     for folder in dirs:
@@ -79,7 +80,7 @@ def test_packaging_declares_what_it_imports() -> None:
             sub = ".".join([pkg, *init.parent.relative_to(REPO / folder).parts])
             assert sub in st["packages"], f"{sub} ({init.parent}) is not in [tool.setuptools] packages"
     for pkg, patterns in st["package-data"].items():
-        folder = REPO / dirs[".".join(pkg.split(".")[:2])] / Path(*pkg.split(".")[2:])
+        folder = REPO / st["package-dir"][".".join(pkg.split(".")[:2])] / Path(*pkg.split(".")[2:])
         for pattern in patterns:
             assert list(folder.glob(pattern)), f"package data {pkg}: {pattern} matches nothing in {folder}"
 
