@@ -33,6 +33,8 @@ duplicated keys, unknown genes, no overlap with the model's genes, negative or n
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -47,13 +49,34 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import scipy.sparse as sp
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.experimental import internal_kv as kv
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
+from scdrugmap_ray.engine.data.store import CellStore
+from scdrugmap_ray.engine.errors import UserError
+from scdrugmap_ray.engine.llm.sentence import DEFAULT_TOP_K
+from scdrugmap_ray.engine.registry import (
+    LoadedModel,
+    Registry,
+    gene_overlap,
+    genes_frame,
+    label_of,
+    parse_ref,
+    summarize,
+)
 
+from . import llm as llm_mod
 from .errors import RequestError
+from .explorer import explorer_router
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +225,6 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
                      default_model: str | None = None) -> Cells:
     """JSON cells (``PredictRequest``) from the raw body: strict types, no duplicated keys, no NaN; CPU work
     (runs in a thread of a predictor replica)."""
-    import scipy.sparse as sp
-    from scdrugmap_ray.engine.registry import genes_frame
-
     try:
         body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RequestError:
@@ -256,10 +276,6 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
 def cells_from_h5ad(data: bytes, filename: str) -> tuple[list[str], Any, Any, int]:
     """(cell_ids, csr, genes table, cells dropped as empty) of an uploaded .h5ad, read through the same
     checks as ``scdrugmap-ray convert`` (wrong type, truncated, CSC, NaN...)."""
-    from scdrugmap_ray.engine.data.convert import ConvertOptions, convert_h5ad
-    from scdrugmap_ray.engine.data.store import CellStore
-    from scdrugmap_ray.engine.errors import UserError
-
     if not filename.lower().endswith(".h5ad"):
         raise RequestError(415, f"{filename!r} is not an .h5ad file; upload an AnnData .h5ad")
     if data[:8] != b"\x89HDF\r\n\x1a\n":
@@ -312,8 +328,6 @@ class Answer:
 
 
 def _cell_rows(ans: Answer, lo: int, hi: int) -> list[dict[str, Any]]:
-    from scdrugmap_ray.engine.registry import label_of
-
     if ans.features:
         assert ans.feats is not None
         emb = np.round(ans.feats[lo:hi].astype(np.float64), 6).tolist()
@@ -324,8 +338,6 @@ def _cell_rows(ans: Answer, lo: int, hi: int) -> list[dict[str, Any]]:
 
 
 def _head(ans: Answer) -> dict[str, Any]:
-    from scdrugmap_ray.engine.registry import summarize
-
     if ans.features:
         dim = int(ans.feats.shape[1]) if ans.feats is not None and ans.feats.ndim == 2 else 0
         return {**ans.meta, "dim": dim}
@@ -448,8 +460,6 @@ def _drain_key(app: str) -> str:
 
 def _watch_drain(app: str, replica: str) -> None:
     """Thread of an ingress replica: follow the drain flag; while draining, report the requests in flight."""
-    from ray.experimental import internal_kv as kv
-
     while True:
         try:
             nonce = kv._internal_kv_get(_drain_key(app), namespace=KV_NAMESPACE)
@@ -465,8 +475,6 @@ def _watch_drain(app: str, replica: str) -> None:
 def drain(app: str, grace_s: float, ingress_replicas: int) -> tuple[bool, int]:
     """Stop the app's ingress replicas taking requests and wait until none is in flight (or ``grace_s``).
     Returns (drained, requests still in flight)."""
-    from ray.experimental import internal_kv as kv
-
     nonce = uuid.uuid4().hex
     kv._internal_kv_put(_drain_key(app), nonce, overwrite=True, namespace=KV_NAMESPACE)
     deadline = time.monotonic() + grace_s
@@ -485,8 +493,6 @@ def drain(app: str, grace_s: float, ingress_replicas: int) -> tuple[bool, int]:
 
 
 def _clear_drain(app: str) -> None:
-    from ray.experimental import internal_kv as kv
-
     kv._internal_kv_del(_drain_key(app), namespace=KV_NAMESPACE)
     for key in kv._internal_kv_list(f"inflight:{app}:", namespace=KV_NAMESPACE):
         kv._internal_kv_del(key, namespace=KV_NAMESPACE)
@@ -503,14 +509,345 @@ def _bool_field(value: Any, name: str) -> bool:
     raise RequestError(422, f"form field {name!r} must be 'true' or 'false'")
 
 
-def build_app(cfg: ServeConfig) -> Any:
-    """The Serve application (ingress bound to a predictor deployment) for ``serve.run``."""
-    from ray import serve
-    from ray.exceptions import ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-    from scdrugmap_ray.engine.errors import UserError
-    from scdrugmap_ray.engine.registry import LoadedModel, Registry, gene_overlap, parse_ref
+def resolve(registry: Registry, ref: str) -> tuple[str, Path]:
+    """'name@version' and its directory; unknown: 404 naming only what was asked (no path, no list)."""
+    try:
+        name, version = parse_ref(ref)
+    except UserError as err:
+        raise RequestError(422, str(err)) from None
+    versions = registry.versions(name)
+    if not versions:
+        raise RequestError(404, f"no model {name!r}; GET /v1/models lists the models")
+    if version is not None and version not in versions:
+        raise RequestError(404, f"model {name!r} has no version {version}; GET /v1/models lists the versions")
+    version = version or versions[-1]
+    return f"{name}@{version}", registry.root / name / str(version)
 
+
+class Predictor:
+    """Parses and validates requests, loads registry models on demand (LRU, ``max_models_per_replica``),
+    predicts batched requests and encodes the answers: all the CPU work of a request. ``build_app`` makes
+    it a deployment with the config's replicas and limits."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        import torch  # heavy: in the replica's process only
+
+        self.cfg = cfg
+        self.registry = Registry(cfg.registry)
+        self.device = "cuda" if cfg.replica_gpus and torch.cuda.is_available() else "cpu"
+        self._vocab: dict[str, frozenset[str]] = {}
+
+        async def load(model_id: str) -> LoadedModel:
+            _, path = resolve(self.registry, model_id)
+            return await asyncio.to_thread(LoadedModel, path, self.device)
+
+        # the LRU size and the batch shape come from the config, so they are set per replica (Serve
+        # detects a multiplexed function stored on the instance, and batch handlers take new sizes)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
+        self._batched.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    def check_health(self) -> None:
+        if not self.registry.root.is_dir():
+            raise RuntimeError(f"the registry {self.registry.root} is gone")
+
+    async def _load(self, ref: str) -> LoadedModel:
+        try:
+            return await self.get_model(ref)
+        except RequestError:
+            raise
+        except Exception as err:  # a broken registry entry is the server's fault: say so, log the details
+            log.exception("model %s could not be loaded", ref)
+            raise RequestError(500, f"model {ref!r} could not be loaded ({type(err).__name__}); see the "
+                                    "server log") from None
+
+    async def ready(self, ref: str) -> str:
+        """'' when ``ref`` resolves and loads, else why not."""
+        try:
+            await self._load(resolve(self.registry, ref)[0])
+        except RequestError as err:
+            return err.message
+        return ""
+
+    async def _compute(self, req: dict[str, Any]) -> Answer:
+        cfg = self.cfg
+        if req["kind"] == "json":
+            cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells)
+        else:
+            ids, csr, genes, dropped = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
+            cells = Cells(req["model"], ids, csr, genes, True, req["embedding_2d"], dropped, json_body=False)
+        if len(cells.ids) > cfg.max_cells:
+            raise RequestError(413, f"{len(cells.ids)} cells in one request; at most {cfg.max_cells}")
+        if not req["stream"] and len(cells.ids) > cfg.max_json_cells:
+            raise RequestError(413, f"{len(cells.ids)} cells: a JSON answer holds at most {cfg.max_json_cells}; "
+                                    f"ask for a stream with the header 'Accept: {NDJSON}'")
+        if not cells.model:
+            raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
+        ref, _ = resolve(self.registry, cells.model)
+        model = await self._load(ref)
+        if ref not in self._vocab:
+            self._vocab[ref] = frozenset(model.vocabulary)
+        symbols = cells.genes["symbol"].astype(str).tolist()
+        known, unknown = gene_overlap(symbols, self._vocab[ref])
+        name = ref.split("@")[0]
+        if known == 0:
+            example = ", ".join(sorted(self._vocab[ref])[:3])
+            raise RequestError(422, f"none of the request's {len(symbols)} genes is in model {name!r}'s gene "
+                                    f"list (e.g. {example}); check the gene names (symbols or Ensembl IDs)")
+        if unknown and cells.json_body and not cells.lenient:
+            raise RequestError(422, f"{len(unknown)} gene(s) unknown to model {name!r}: "
+                                    f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; remove "
+                                    "them or send \"ignore_unknown_genes\": true")
+        if not cells.ids:
+            raise RequestError(422, "the upload holds no cell with any expression")
+        try:
+            prepared = await asyncio.to_thread(model.prepare, cells.ids, cells.csr, cells.genes)
+        except UserError as err:
+            raise RequestError(422, str(err)) from None
+        out = await self._batched((ref, prepared))
+        if isinstance(out, str):
+            raise RequestError(422, out)
+        p, feats = out
+        info = model.info
+        meta = {"model": info["name"], "version": info["version"], "kind": info["kind"],
+                "base_model": info["model"], "random_weights": bool(info.get("random_weights")),
+                "genes_in_request": len(symbols), "genes_known_to_model": known,
+                "n_cells_skipped_empty": cells.dropped}
+        keep = req["features"] or cells.embedding_2d
+        return Answer(meta, cells.ids, p, feats if keep else None, req["features"], cells.embedding_2d)
+
+    def _waited_too_long(self, req: dict[str, Any]) -> RequestError | None:
+        # CoDel's rule: what queued longer than max_queue_wait_s is shed before any work, so a queue
+        # never holds more than that much waiting and the client hears 503 at once
+        waited = time.time() - req["sent_at"]
+        if waited > self.cfg.max_queue_wait_s:
+            return RequestError(503, f"the server is at capacity (the request waited {waited:.1f} s for a "
+                                     "predictor); retry after the Retry-After seconds", retry_after=1)
+        return None
+
+    async def answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One JSON answer: ``{"status": 200, "body": bytes}`` or ``{"status": 4xx, "error": str}``."""
+        late = self._waited_too_long(req)
+        if late:
+            return {"status": late.status, "error": late.message}
+        try:
+            ans = await self._compute(req)
+            return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
+        except RequestError as err:
+            return {"status": err.status, "error": err.message}
+
+    async def answer_stream(self, req: dict[str, Any]) -> AsyncIterator[Any]:
+        """NDJSON: first the status (a dict), then byte chunks: the head line, then one line per cell."""
+        late = self._waited_too_long(req)
+        if late:
+            yield {"status": late.status, "error": late.message}
+            return
+        try:
+            ans = await self._compute(req)
+        except RequestError as err:
+            yield {"status": err.status, "error": err.message}
+            return
+        yield {"status": 200}
+        yield (json.dumps(_head(ans), separators=(",", ":")) + "\n").encode()
+        for lo, hi in ndjson_chunks(ans):
+            yield await asyncio.to_thread(encode_ndjson, ans, lo, hi)
+
+    # the config's max_batch_size and batch_wait_timeout_s are set per replica in __init__
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
+    async def _batched(self, items: list[tuple[str, Any]]) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, (ref, _) in enumerate(items):
+            by_model.setdefault(ref, []).append(i)
+        for ref, idx in by_model.items():
+            model = await self.get_model(ref)  # loaded by _compute just before: an LRU hit
+            try:
+                outs = await asyncio.to_thread(model.run, [items[i][1] for i in idx])
+            except UserError as err:
+                for i in idx:
+                    results[i] = str(err)
+                continue
+            for i, out in zip(idx, outs, strict=True):
+                results[i] = out
+        return results
+
+
+class Ingress:
+    """The ingress deployment: only moves bytes (the predictors do the work). Its routes are added to the
+    FastAPI app by ``build_app``; with ``--llm``, ``build_app`` mixes in ray.serve.llm's OpenAI ingress."""
+
+    def __init__(self, cfg: ServeConfig, predictor: Any, llm_deployments: dict[str, Any] | None = None,
+                 model_cards: dict[str, Any] | None = None) -> None:
+        if cfg.llm:  # the OpenAI ingress that build_app mixed in
+            super().__init__(llm_deployments, model_cards)  # type: ignore[call-arg]
+        self.cfg = cfg
+        self.predictor = predictor
+        self.registry = Registry(cfg.registry)
+        ctx = serve.get_replica_context()
+        self.app_name = ctx.app_name
+        threading.Thread(target=_watch_drain, args=(self.app_name, ctx.replica_id.unique_id), daemon=True,
+                         name="drain-watch").start()
+
+    def check_health(self) -> None:
+        if not self.registry.root.is_dir():
+            raise RuntimeError(f"the registry {self.registry.root} is gone")
+
+    async def _call(self, req: dict[str, Any], stream: bool) -> tuple[Any, Any]:
+        """The predictor's first answer (and the stream, if any), within the deadline; replicas that died
+        are retried (a prediction is a pure function of its input), overload is a 503 at once."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.request_timeout_s
+        attempt = 0
+        while True:
+            gen: Any = None
+            req["sent_at"] = time.time()
+            if stream:
+                gen = self.predictor.options(stream=True).answer_stream.remote(req)
+                pending: Any = gen.__anext__()
+            else:
+                pending = gen = self.predictor.answer.remote(req)
+            try:
+                first = await asyncio.wait_for(pending, timeout=max(0.1, deadline - time.monotonic()))
+                return first, gen
+            except BackPressureError:
+                raise RequestError(503, "the server is at capacity; retry after the Retry-After seconds",
+                                   retry_after=1) from None
+            except TimeoutError:
+                gen.cancel()
+                raise RequestError(503, f"no answer within {cfg.request_timeout_s:g} s (the server is "
+                                        "overloaded); retry later", retry_after=2) from None
+            except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
+                attempt += 1
+                if attempt > 4 or time.monotonic() > deadline:
+                    raise RequestError(503, "no predictor replica could answer; retry later",
+                                       retry_after=2) from None
+                log.warning("predictor call failed (%s); retrying (%d)", type(err).__name__, attempt)
+                await asyncio.sleep(0.25 * attempt)
+
+    async def _request(self, request: Request, features: bool) -> dict[str, Any]:
+        """What the predictor needs: the raw JSON body, or the upload's bytes and form fields."""
+        stream = NDJSON in request.headers.get("accept", "")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            return {"kind": "json", "body": await request.body(), "features": features, "stream": stream}
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(422, "multipart field 'file' (an .h5ad) is required")
+            model = form.get("model")
+            if not isinstance(model, str) or not model:
+                raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
+            return {"kind": "h5ad", "data": await upload.read(), "filename": upload.filename or "upload",
+                    "model": model, "embedding_2d": _bool_field(form.get("embedding_2d"), "embedding_2d"),
+                    "features": features, "stream": stream}
+        raise RequestError(415, "send multipart/form-data (fields model, file) or application/json cells")
+
+    async def _serve(self, request: Request, features: bool) -> Response:
+        req = await self._request(request, features)
+        first, gen = await self._call(req, req["stream"])
+        if first["status"] != 200:
+            raise RequestError(int(first["status"]), first["error"], retry_after=1 if first["status"] == 503
+                               else None)
+        if not req["stream"]:
+            return Response(first["body"], media_type="application/json")
+
+        async def rest() -> AsyncIterator[bytes]:
+            async for chunk in gen:
+                yield chunk
+
+        return StreamingResponse(rest(), media_type=NDJSON)
+
+    async def readyz(self) -> dict[str, Any]:
+        """Ready to serve: not draining, every deployment of the app HEALTHY, the default model loadable."""
+        if RUNTIME.draining:
+            raise RequestError(503, "shutting down", retry_after=5)
+        problems: list[str] = []
+        try:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications[self.app_name]
+            deployments = {n: str(d.status.value if hasattr(d.status, "value") else d.status)
+                           for n, d in app.deployments.items()}
+            problems += [f"deployment {n} is {s}" for n, s in deployments.items() if s != "HEALTHY"]
+        except Exception as err:  # the controller is restarting
+            deployments = {}
+            problems.append(f"the Serve controller did not answer ({type(err).__name__})")
+        default = self.cfg.default_model or next(iter(await asyncio.to_thread(self.registry.names)), None)
+        if default is None:
+            problems.append("the registry holds no model")
+        else:
+            try:
+                why = await asyncio.wait_for(self.predictor.ready.remote(default), timeout=20)
+            except Exception as err:
+                why = f"no predictor answered ({type(err).__name__})"
+            if why:
+                problems.append(f"default model {default!r}: {why}")
+        if problems:
+            raise RequestError(503, "not ready: " + "; ".join(problems), retry_after=5)
+        return {"status": "ready", "default_model": default, "deployments": deployments}
+
+    async def models(self) -> dict[str, Any]:
+        """Registry models (``models``) and, OpenAI-style, the served LLMs (``object``, ``data``)."""
+        out = []
+        for info in await asyncio.to_thread(self.registry.list):
+            out.append({k: info.get(k) for k in ("name", "version", "kind", "model", "head", "random_weights",
+                                                 "metrics", "cv_metrics", "created", "training_data")})
+        llms = await self.llm_model_list() if self.cfg.llm else []  # type: ignore[attr-defined]
+        return {"models": out, "object": "list", "data": llms}
+
+    async def predict(self, request: Request) -> Response:
+        """Per-cell p_sensitive and label, and a summary. JSON: ``PredictRequest``; multipart: ``model``,
+        ``file`` (.h5ad), optional ``embedding_2d=true``."""
+        return await self._serve(request, features=False)
+
+    async def embed(self, request: Request) -> Response:
+        """Per-cell embeddings (the features the model's head reads), same inputs as /v1/predict."""
+        return await self._serve(request, features=True)
+
+    async def embed_cells(self, request: Request) -> dict[str, Any]:
+        """LLaMa embeddings of cell sentences (the ``llama`` model's rule); the inputs of /v1/embed, with
+        ``model`` an LLM name (default: the served one) and optional ``top_k`` (genes per sentence)."""
+        cfg = self.cfg
+        if not cfg.llm:
+            raise RequestError(404, "no LLM is served: start the server with --llm MODEL_DIR")
+
+        req = await self._request(request, features=True)
+        top_k: Any = DEFAULT_TOP_K
+        if req["kind"] == "json":
+            cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells, ("top_k",),
+                                            cfg.llm_name)
+            model_ref, ids, csr, genes = cells.model, cells.ids, cells.csr, cells.genes
+            top_k = cells.extra.get("top_k", DEFAULT_TOP_K)
+        else:
+            form = await request.form()
+            top_k = form.get("top_k") or DEFAULT_TOP_K
+            ids, csr, genes, _ = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
+            model_ref = req["model"]
+        if isinstance(top_k, str) and top_k.isdigit():
+            top_k = int(top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise RequestError(422, "'top_k' must be a positive integer")
+        return await llm_mod.embed_cells(self, str(cfg.llm), model_ref or None, ids, csr, genes, top_k)
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(_static("index.html"))
+
+    async def docs(self) -> HTMLResponse:
+        if not self.cfg.docs:
+            raise RequestError(404, "the API docs are off on this server (serve --docs turns them on); "
+                                    "the schema is at /openapi.json")
+        return HTMLResponse(_static("docs.html"))
+
+    async def static(self, name: str) -> Response:
+        if name not in STATIC:  # a fixed list: a request never names a file path
+            raise RequestError(404, "not found")
+        return Response(await asyncio.to_thread(_static_bytes, name), media_type=STATIC[name],
+                        headers={"Cache-Control": "max-age=3600"})
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The Serve application (ingress bound to a predictor deployment) for ``serve.run``: the FastAPI app
+    (middleware, API-key check, error handlers, routes) and the deployments with the config's options."""
     autoscaling: dict[str, Any] | None = None
     num_replicas: int | None = cfg.min_replicas
     if cfg.max_replicas > cfg.min_replicas:
@@ -518,168 +855,6 @@ def build_app(cfg: ServeConfig) -> Any:
                        "target_ongoing_requests": cfg.target_ongoing_requests}
         num_replicas = None
     shed = {"status_code": 503, "retry_after_s": 1}
-
-    def resolve(registry: Registry, ref: str) -> tuple[str, Path]:
-        """'name@version' and its directory; unknown: 404 naming only what was asked (no path, no list)."""
-        try:
-            name, version = parse_ref(ref)
-        except UserError as err:
-            raise RequestError(422, str(err)) from None
-        versions = registry.versions(name)
-        if not versions:
-            raise RequestError(404, f"no model {name!r}; GET /v1/models lists the models")
-        if version is not None and version not in versions:
-            raise RequestError(404, f"model {name!r} has no version {version}; GET /v1/models lists the versions")
-        version = version or versions[-1]
-        return f"{name}@{version}", registry.root / name / str(version)
-
-    @serve.deployment(
-        name="Predictor",
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-        max_ongoing_requests=cfg.predictor_ongoing,
-        max_queued_requests=cfg.predictor_queued,
-        backpressure_config=shed,
-        graceful_shutdown_timeout_s=cfg.drain_grace_s,
-        health_check_period_s=2.0,
-        **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}),
-    )
-    class Predictor:
-        """Parses and validates requests, loads registry models on demand (LRU, ``max_models_per_replica``),
-        predicts batched requests and encodes the answers: all the CPU work of a request."""
-
-        def __init__(self, registry: str) -> None:
-            import torch
-
-            self.registry = Registry(registry)
-            self.device = "cuda" if cfg.replica_gpus and torch.cuda.is_available() else "cpu"
-            self._vocab: dict[str, frozenset[str]] = {}
-
-        def check_health(self) -> None:
-            if not self.registry.root.is_dir():
-                raise RuntimeError(f"the registry {self.registry.root} is gone")
-
-        @serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)
-        async def get_model(self, model_id: str) -> LoadedModel:
-            _, path = resolve(self.registry, model_id)
-            return await asyncio.to_thread(LoadedModel, path, self.device)
-
-        async def _load(self, ref: str) -> LoadedModel:
-            try:
-                return await self.get_model(ref)
-            except RequestError:
-                raise
-            except Exception as err:  # a broken registry entry is the server's fault: say so, log the details
-                log.exception("model %s could not be loaded", ref)
-                raise RequestError(500, f"model {ref!r} could not be loaded ({type(err).__name__}); see the "
-                                        "server log") from None
-
-        async def ready(self, ref: str) -> str:
-            """'' when ``ref`` resolves and loads, else why not."""
-            try:
-                await self._load(resolve(self.registry, ref)[0])
-            except RequestError as err:
-                return err.message
-            return ""
-
-        async def _compute(self, req: dict[str, Any]) -> Answer:
-            if req["kind"] == "json":
-                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells)
-            else:
-                ids, csr, genes, dropped = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
-                cells = Cells(req["model"], ids, csr, genes, True, req["embedding_2d"], dropped, json_body=False)
-            if len(cells.ids) > cfg.max_cells:
-                raise RequestError(413, f"{len(cells.ids)} cells in one request; at most {cfg.max_cells}")
-            if not req["stream"] and len(cells.ids) > cfg.max_json_cells:
-                raise RequestError(413, f"{len(cells.ids)} cells: a JSON answer holds at most {cfg.max_json_cells}; "
-                                        f"ask for a stream with the header 'Accept: {NDJSON}'")
-            if not cells.model:
-                raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
-            ref, _ = resolve(self.registry, cells.model)
-            model = await self._load(ref)
-            if ref not in self._vocab:
-                self._vocab[ref] = frozenset(model.vocabulary)
-            symbols = cells.genes["symbol"].astype(str).tolist()
-            known, unknown = gene_overlap(symbols, self._vocab[ref])
-            name = ref.split("@")[0]
-            if known == 0:
-                example = ", ".join(sorted(self._vocab[ref])[:3])
-                raise RequestError(422, f"none of the request's {len(symbols)} genes is in model {name!r}'s gene "
-                                        f"list (e.g. {example}); check the gene names (symbols or Ensembl IDs)")
-            if unknown and cells.json_body and not cells.lenient:
-                raise RequestError(422, f"{len(unknown)} gene(s) unknown to model {name!r}: "
-                                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; remove "
-                                        "them or send \"ignore_unknown_genes\": true")
-            if not cells.ids:
-                raise RequestError(422, "the upload holds no cell with any expression")
-            try:
-                prepared = await asyncio.to_thread(model.prepare, cells.ids, cells.csr, cells.genes)
-            except UserError as err:
-                raise RequestError(422, str(err)) from None
-            out = await self._batched((ref, prepared))
-            if isinstance(out, str):
-                raise RequestError(422, out)
-            p, feats = out
-            info = model.info
-            meta = {"model": info["name"], "version": info["version"], "kind": info["kind"],
-                    "base_model": info["model"], "random_weights": bool(info.get("random_weights")),
-                    "genes_in_request": len(symbols), "genes_known_to_model": known,
-                    "n_cells_skipped_empty": cells.dropped}
-            keep = req["features"] or cells.embedding_2d
-            return Answer(meta, cells.ids, p, feats if keep else None, req["features"], cells.embedding_2d)
-
-        def _waited_too_long(self, req: dict[str, Any]) -> RequestError | None:
-            # CoDel's rule: what queued longer than max_queue_wait_s is shed before any work, so a queue
-            # never holds more than that much waiting and the client hears 503 at once
-            waited = time.time() - req["sent_at"]
-            if waited > cfg.max_queue_wait_s:
-                return RequestError(503, f"the server is at capacity (the request waited {waited:.1f} s for a "
-                                         "predictor); retry after the Retry-After seconds", retry_after=1)
-            return None
-
-        async def answer(self, req: dict[str, Any]) -> dict[str, Any]:
-            """One JSON answer: ``{"status": 200, "body": bytes}`` or ``{"status": 4xx, "error": str}``."""
-            late = self._waited_too_long(req)
-            if late:
-                return {"status": late.status, "error": late.message}
-            try:
-                ans = await self._compute(req)
-                return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
-            except RequestError as err:
-                return {"status": err.status, "error": err.message}
-
-        async def answer_stream(self, req: dict[str, Any]) -> AsyncIterator[Any]:
-            """NDJSON: first the status (a dict), then byte chunks: the head line, then one line per cell."""
-            late = self._waited_too_long(req)
-            if late:
-                yield {"status": late.status, "error": late.message}
-                return
-            try:
-                ans = await self._compute(req)
-            except RequestError as err:
-                yield {"status": err.status, "error": err.message}
-                return
-            yield {"status": 200}
-            yield (json.dumps(_head(ans), separators=(",", ":")) + "\n").encode()
-            for lo, hi in ndjson_chunks(ans):
-                yield await asyncio.to_thread(encode_ndjson, ans, lo, hi)
-
-        @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
-        async def _batched(self, items: list[tuple[str, Any]]) -> list[Any]:
-            results: list[Any] = [None] * len(items)
-            by_model: dict[str, list[int]] = {}
-            for i, (ref, _) in enumerate(items):
-                by_model.setdefault(ref, []).append(i)
-            for ref, idx in by_model.items():
-                model = await self.get_model(ref)  # loaded by _compute just before: an LRU hit
-                try:
-                    outs = await asyncio.to_thread(model.run, [items[i][1] for i in idx])
-                except UserError as err:
-                    for i in idx:
-                        results[i] = str(err)
-                    continue
-                for i, out in zip(idx, outs, strict=True):
-                    results[i] = out
-            return results
 
     api = FastAPI(
         title="scdrugmap-ray",
@@ -697,9 +872,6 @@ def build_app(cfg: ServeConfig) -> Any:
 
     async def check_key(request: Request, x_api_key: Annotated[str | None, Security(KEY_HEADER)] = None,
                         auth: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
-        import hashlib
-        import hmac
-
         given = x_api_key or (auth.credentials if auth else None)
         if cfg.api_key is not None and (not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode())):
             raise RequestError(401, "missing or wrong API key: send it as the X-API-Key header (or Bearer token)")
@@ -726,11 +898,7 @@ def build_app(cfg: ServeConfig) -> Any:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
-    from . import llm as llm_mod
-    from .explorer import explorer_router
-
     api.include_router(explorer_router(cfg.registry, Depends(check_key)))  # /v1/explorer: Datasets, Models, Results
-    bases: tuple[type, ...] = (llm_mod.ingress_base(),) if cfg.llm else ()
     body_doc = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
         "multipart/form-data": {"schema": {"$ref": "#/components/schemas/PredictUpload"}}}}}
@@ -739,189 +907,35 @@ def build_app(cfg: ServeConfig) -> Any:
         503: {"description": "at capacity or shutting down: retry after Retry-After seconds"},
         429: {"description": "rate limit of the API key reached (Retry-After)"}}
 
-    class Ingress(*bases):  # type: ignore[misc]
-        def __init__(self, predictor: Any, llm_deployments: dict[str, Any] | None = None,
-                     model_cards: dict[str, Any] | None = None) -> None:
-            if bases:
-                super().__init__(llm_deployments, model_cards)
-            self.predictor = predictor
-            self.registry = Registry(cfg.registry)
-            ctx = serve.get_replica_context()
-            self.app_name = ctx.app_name
-            threading.Thread(target=_watch_drain, args=(self.app_name, ctx.replica_id.unique_id), daemon=True,
-                             name="drain-watch").start()
-
-        def check_health(self) -> None:
-            if not self.registry.root.is_dir():
-                raise RuntimeError(f"the registry {self.registry.root} is gone")
-
-        async def _call(self, req: dict[str, Any], stream: bool) -> tuple[Any, Any]:
-            """The predictor's first answer (and the stream, if any), within the deadline; replicas that died
-            are retried (a prediction is a pure function of its input), overload is a 503 at once."""
-            deadline = time.monotonic() + cfg.request_timeout_s
-            attempt = 0
-            while True:
-                gen: Any = None
-                req["sent_at"] = time.time()
-                if stream:
-                    gen = self.predictor.options(stream=True).answer_stream.remote(req)
-                    pending: Any = gen.__anext__()
-                else:
-                    pending = gen = self.predictor.answer.remote(req)
-                try:
-                    first = await asyncio.wait_for(pending, timeout=max(0.1, deadline - time.monotonic()))
-                    return first, gen
-                except BackPressureError:
-                    raise RequestError(503, "the server is at capacity; retry after the Retry-After seconds",
-                                       retry_after=1) from None
-                except TimeoutError:
-                    gen.cancel()
-                    raise RequestError(503, f"no answer within {cfg.request_timeout_s:g} s (the server is "
-                                            "overloaded); retry later", retry_after=2) from None
-                except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
-                    attempt += 1
-                    if attempt > 4 or time.monotonic() > deadline:
-                        raise RequestError(503, "no predictor replica could answer; retry later",
-                                           retry_after=2) from None
-                    log.warning("predictor call failed (%s); retrying (%d)", type(err).__name__, attempt)
-                    await asyncio.sleep(0.25 * attempt)
-
-        async def _request(self, request: Request, features: bool) -> dict[str, Any]:
-            """What the predictor needs: the raw JSON body, or the upload's bytes and form fields."""
-            stream = NDJSON in request.headers.get("accept", "")
-            ctype = request.headers.get("content-type", "")
-            if ctype.startswith("application/json"):
-                return {"kind": "json", "body": await request.body(), "features": features, "stream": stream}
-            if ctype.startswith("multipart/form-data"):
-                form = await request.form(max_files=1, max_fields=8)
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
-                    raise RequestError(422, "multipart field 'file' (an .h5ad) is required")
-                model = form.get("model")
-                if not isinstance(model, str) or not model:
-                    raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
-                return {"kind": "h5ad", "data": await upload.read(), "filename": upload.filename or "upload",
-                        "model": model, "embedding_2d": _bool_field(form.get("embedding_2d"), "embedding_2d"),
-                        "features": features, "stream": stream}
-            raise RequestError(415, "send multipart/form-data (fields model, file) or application/json cells")
-
-        async def _serve(self, request: Request, features: bool) -> Response:
-            req = await self._request(request, features)
-            first, gen = await self._call(req, req["stream"])
-            if first["status"] != 200:
-                raise RequestError(int(first["status"]), first["error"], retry_after=1 if first["status"] == 503
-                                   else None)
-            if not req["stream"]:
-                return Response(first["body"], media_type="application/json")
-
-            async def rest() -> AsyncIterator[bytes]:
-                async for chunk in gen:
-                    yield chunk
-
-            return StreamingResponse(rest(), media_type=NDJSON)
-
-        @api.get("/readyz", responses={503: {"description": "not ready: why, in 'detail'"}})
-        async def readyz(self) -> dict[str, Any]:
-            """Ready to serve: not draining, every deployment of the app HEALTHY, the default model loadable."""
-            if RUNTIME.draining:
-                raise RequestError(503, "shutting down", retry_after=5)
-            problems: list[str] = []
-            try:
-                status = await asyncio.to_thread(serve.status)
-                app = status.applications[self.app_name]
-                deployments = {n: str(d.status.value if hasattr(d.status, "value") else d.status)
-                               for n, d in app.deployments.items()}
-                problems += [f"deployment {n} is {s}" for n, s in deployments.items() if s != "HEALTHY"]
-            except Exception as err:  # the controller is restarting
-                deployments = {}
-                problems.append(f"the Serve controller did not answer ({type(err).__name__})")
-            default = cfg.default_model or next(iter(await asyncio.to_thread(self.registry.names)), None)
-            if default is None:
-                problems.append("the registry holds no model")
-            else:
-                try:
-                    why = await asyncio.wait_for(self.predictor.ready.remote(default), timeout=20)
-                except Exception as err:
-                    why = f"no predictor answered ({type(err).__name__})"
-                if why:
-                    problems.append(f"default model {default!r}: {why}")
-            if problems:
-                raise RequestError(503, "not ready: " + "; ".join(problems), retry_after=5)
-            return {"status": "ready", "default_model": default, "deployments": deployments}
-
-        @api.get("/v1/models", dependencies=[Depends(check_key)])
-        async def models(self) -> dict[str, Any]:
-            """Registry models (``models``) and, OpenAI-style, the served LLMs (``object``, ``data``)."""
-            out = []
-            for info in await asyncio.to_thread(self.registry.list):
-                out.append({k: info.get(k) for k in ("name", "version", "kind", "model", "head", "random_weights",
-                                                     "metrics", "cv_metrics", "created", "training_data")})
-            llms = await self.llm_model_list() if bases else []
-            return {"models": out, "object": "list", "data": llms}
-
-        @api.post("/v1/predict", dependencies=[Depends(check_key)], openapi_extra=body_doc,
-                  response_class=Response, responses=answers_doc)
-        async def predict(self, request: Request) -> Response:
-            """Per-cell p_sensitive and label, and a summary. JSON: ``PredictRequest``; multipart: ``model``,
-            ``file`` (.h5ad), optional ``embedding_2d=true``."""
-            return await self._serve(request, features=False)
-
-        @api.post("/v1/embed", dependencies=[Depends(check_key)], openapi_extra=body_doc,
-                  response_class=Response, responses=answers_doc)
-        async def embed(self, request: Request) -> Response:
-            """Per-cell embeddings (the features the model's head reads), same inputs as /v1/predict."""
-            return await self._serve(request, features=True)
-
-        @api.post("/v1/llm/embed-cells", dependencies=[Depends(check_key)])
-        async def embed_cells(self, request: Request) -> dict[str, Any]:
-            """LLaMa embeddings of cell sentences (the ``llama`` model's rule); the inputs of /v1/embed, with
-            ``model`` an LLM name (default: the served one) and optional ``top_k`` (genes per sentence)."""
-            if not bases:
-                raise RequestError(404, "no LLM is served: start the server with --llm MODEL_DIR")
-            from scdrugmap_ray.engine.llm.sentence import DEFAULT_TOP_K
-
-            req = await self._request(request, features=True)
-            top_k: Any = DEFAULT_TOP_K
-            if req["kind"] == "json":
-                cells = await asyncio.to_thread(parse_json_cells, req["body"], cfg.max_cells, ("top_k",),
-                                                cfg.llm_name)
-                model_ref, ids, csr, genes = cells.model, cells.ids, cells.csr, cells.genes
-                top_k = cells.extra.get("top_k", DEFAULT_TOP_K)
-            else:
-                form = await request.form()
-                top_k = form.get("top_k") or DEFAULT_TOP_K
-                ids, csr, genes, _ = await asyncio.to_thread(cells_from_h5ad, req["data"], req["filename"])
-                model_ref = req["model"]
-            if isinstance(top_k, str) and top_k.isdigit():
-                top_k = int(top_k)
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise RequestError(422, "'top_k' must be a positive integer")
-            return await llm_mod.embed_cells(self, str(cfg.llm), model_ref or None, ids, csr, genes, top_k)
-
-        @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-        async def page(self) -> HTMLResponse:
-            return HTMLResponse(_static("index.html"))
-
-        @api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-        async def docs(self) -> HTMLResponse:
-            if not cfg.docs:
-                raise RequestError(404, "the API docs are off on this server (serve --docs turns them on); "
-                                        "the schema is at /openapi.json")
-            return HTMLResponse(_static("docs.html"))
-
-        @api.get("/static/{name}", include_in_schema=False)
-        async def static(self, name: str) -> Response:
-            if name not in STATIC:  # a fixed list: a request never names a file path
-                raise RequestError(404, "not found")
-            return Response(await asyncio.to_thread(_static_bytes, name), media_type=STATIC[name],
-                            headers={"Cache-Control": "max-age=3600"})
-
+    keyed = [Depends(check_key)]
+    route = api.add_api_route  # in this order: the class's routes after the explorer's
+    route("/readyz", Ingress.readyz, methods=["GET"], responses={503: {"description": "not ready: why, in 'detail'"}})
+    route("/v1/models", Ingress.models, methods=["GET"], dependencies=keyed)
+    route("/v1/predict", Ingress.predict, methods=["POST"], dependencies=keyed, openapi_extra=body_doc,
+          response_class=Response, responses=answers_doc)
+    route("/v1/embed", Ingress.embed, methods=["POST"], dependencies=keyed, openapi_extra=body_doc,
+          response_class=Response, responses=answers_doc)
+    route("/v1/llm/embed-cells", Ingress.embed_cells, methods=["POST"], dependencies=keyed)
+    route("/", Ingress.page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    route("/docs", Ingress.docs, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    route("/static/{name}", Ingress.static, methods=["GET"], include_in_schema=False)
     _document_bodies(api)
-    if bases:
-        ingress_cls = llm_mod.mount(Ingress, api, [Depends(check_key)])
+    if cfg.llm:
+        mixed = type("Ingress", (Ingress, llm_mod.ingress_base()), {})
+        ingress_cls = llm_mod.mount(mixed, api, keyed)
         deployments, cards = llm_mod.bind_llm(cfg)
     else:
         ingress_cls, deployments, cards = serve.ingress(api)(Ingress), None, None
+    predictor = serve.deployment(
+        name="Predictor",
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        max_ongoing_requests=cfg.predictor_ongoing,
+        max_queued_requests=cfg.predictor_queued,
+        backpressure_config=shed,
+        graceful_shutdown_timeout_s=cfg.drain_grace_s,
+        health_check_period_s=2.0,
+        **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}),
+    )(Predictor)
     # Shedding costs least at the proxy (headers only, no body forwarded): the ingress takes a bounded number
     # of requests (its Guard sheds model requests above ``ingress_admit``, keeping slots for /healthz,
     # /readyz and the page) and the proxy's queue in front of it is short (then 503 + Retry-After).
@@ -929,13 +943,11 @@ def build_app(cfg: ServeConfig) -> Any:
                                num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_admit + 16,
                                max_queued_requests=16, backpressure_config=shed,
                                graceful_shutdown_timeout_s=cfg.drain_grace_s, health_check_period_s=2.0)(ingress_cls)
-    return ingress.bind(Predictor.bind(cfg.registry), deployments, cards)
+    return ingress.bind(cfg, predictor.bind(cfg), deployments, cards)
 
 
 def _document_bodies(api: FastAPI) -> None:
     """/openapi.json with the request-body models (the routes read their bodies themselves, off the loop)."""
-    from fastapi.openapi.utils import get_openapi
-
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
             schema = get_openapi(title=api.title, version=api.version, description=api.description,
@@ -1018,8 +1030,6 @@ def run_app(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blockin
             name: str = APP_NAME, route_prefix: str = "/") -> Any:
     """Start Serve's HTTP proxy on host:port and deploy the application (returns its handle). A second
     application on the same proxy needs its own ``name`` and ``route_prefix``."""
-    from ray import serve
-
     # the proxy's end-to-end timeout: later than the ingress's own deadline, so a client normally gets our 503
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s + 10})
     log.info("serve config: %s", {k: v for k, v in asdict(cfg).items() if k != "api_key"})
