@@ -139,3 +139,10 @@ def test_lora_targets_are_linear_layers_called_in_forward(name: str) -> None:
             h.remove()
     assert called == {n for n, _ in targets}
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
+
+
+def test_config_sizes_have_one_check() -> None:
+    assert contract.positive_int({"n": 3}, "n", "X config") == 3
+    for bad in (0, -1, True, 2.0, None):
+        with pytest.raises(UserError, match=r"^X config: n = .*, expected a positive integer$"):
+            contract.positive_int({"n": bad}, "n", "X config")

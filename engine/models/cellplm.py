@@ -83,7 +83,7 @@ from ..errors import UserError
 from ..fsutil import atomic_file
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, load_weights_file, materialize, short_keys
-from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
+from .contract import AttributionAdapter, check_coverage, positive_int, tokenizer_lookup
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,6 @@ def official_gene_list() -> list[str]:
         return list(json.load(fh)["gene_list"])
 
 
-def _positive_int(cfg: dict[str, Any], key: str) -> int:
-    val = cfg.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise UserError(f"CellPLM config {key!r} = {val!r}: expected a positive integer")
-    return val
-
-
 def validate_config(raw: Any) -> dict[str, Any]:
     """The config with OmicsFormer's defaults filled in; a UserError for anything this file does not
     implement faithfully."""
@@ -202,7 +195,7 @@ def validate_config(raw: Any) -> dict[str, Any]:
     if len(set(genes)) != len(genes):
         raise UserError("CellPLM config 'gene_list' has duplicate genes")
     for key in ("enc_hid", "enc_layers", "enc_head", "post_latent_dim", "num_clusters"):
-        _positive_int(cfg, key)
+        positive_int(cfg, key, "CellPLM config")
     wanted = {"enc_mod": "flowformer", "latent_mod": "gmvae"}
     for key, val in wanted.items():
         if cfg[key] != val:
@@ -268,7 +261,8 @@ def decoder_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The NB-MLP pretraining decoder's keys (what init_random writes; a checkpoint may have them)."""
     if cfg.get("dec_mod") != "nbmlp":
         return {}
-    h, g, n_layers = _positive_int(cfg, "dec_hid"), len(cfg["gene_list"]), _positive_int(cfg, "dec_layers")
+    h, g, n_layers = (positive_int(cfg, "dec_hid", "CellPLM config"), len(cfg["gene_list"]),
+                      positive_int(cfg, "dec_layers", "CellPLM config"))
     covariates = {k: cfg.get(f"{k}_num") or 0 for k in ("batch", "dataset", "platform")}
     layers: dict[str, tuple[int, ...]] = {}
     cov: dict[str, tuple[int, ...]] = {}

@@ -1,5 +1,6 @@
 """The contract every model file follows, in one place: the coverage refusal of a store whose genes the
-model does not know (``MIN_COVERAGE``, ``check_coverage``), and how ``explain`` attributes a foundation
+model does not know (``MIN_COVERAGE``, ``check_coverage``), the config check of a checkpoint's sizes
+(``positive_int``), and how ``explain`` attributes a foundation
 model's input (``AttributionAdapter``, set on each model class as ``attribution_adapter``, with the helpers
 its fields use). Strict checkpoint loading is ``engine.models.checkpoint`` (``check_state``,
 ``materialize``); LoRA targets are the class attribute ``lora_targets``.
@@ -18,6 +19,15 @@ from ..errors import UserError
 
 #: a tokenizer refuses a store of which fewer genes than this fraction are known to its model
 MIN_COVERAGE = 0.2
+
+
+def positive_int(cfg: dict[str, Any], key: str, where: str) -> int:
+    """``cfg[key]`` of a checkpoint's config when it is a positive integer (not a bool); otherwise the one
+    config error: "{where}: {key} = {value!r}, expected a positive integer"."""
+    val = cfg.get(key)
+    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise UserError(f"{where}: {key} = {val!r}, expected a positive integer")
+    return val
 
 
 def check_coverage(coverage: float, n_store_genes: int, known_as: str, examples: Sequence[Any], advice: str,

@@ -77,7 +77,14 @@ from ..errors import UserError
 from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
-from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
+from .contract import (
+    MIN_COVERAGE,
+    AttributionAdapter,
+    check_coverage,
+    eager_attention,
+    positive_int,
+    received_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,13 +282,6 @@ class GeneformerTokenizer(CellTokenizer):
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _positive_int(cfg: dict[str, Any], key: str) -> int:
-    val = cfg.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise UserError(f"Geneformer config.json: {key} = {val!r}, expected a positive integer")
-    return val
-
-
 def validate_config(cfg: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """Check a Geneformer (BERT) config dict; returns it."""
     if cfg.get("model_type", "bert") != "bert":
@@ -297,7 +297,7 @@ def validate_config(cfg: dict[str, Any], where: str = "config.json") -> dict[str
         )
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings"):
-        _positive_int(cfg, key)
+        positive_int(cfg, key, "Geneformer config.json")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise UserError(
             f"{where}: hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "

@@ -84,7 +84,7 @@ from ..errors import UserError
 from ..fsutil import atomic_file
 from .base import CellTokenizer, FoundationModel, register
 from .checkpoint import check_state, load_weights_file, short_keys
-from .contract import AttributionAdapter, check_coverage, tokenizer_lookup
+from .contract import AttributionAdapter, check_coverage, positive_int, tokenizer_lookup
 from .performer import performer_layer_shapes
 
 with warnings.catch_warnings():  # performer-pytorch imports distutils' LooseVersion
@@ -148,9 +148,7 @@ _CONFIG_TINY: dict[str, Any] = {
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_tokens", "dim", "depth", "heads", "dim_head", "nb_features", "ff_mult", "max_seq_len"):
-        val = cfg.get(key)
-        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-            raise UserError(f"scBERT config {key}={val!r} must be a positive integer")
+        positive_int(cfg, key, "scBERT config")
     if cfg["max_seq_len"] != SEQ_LEN:
         raise UserError(
             f"scBERT max_seq_len {cfg['max_seq_len']} does not fit the 16,906-gene order (needs {SEQ_LEN}: "

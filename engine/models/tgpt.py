@@ -100,7 +100,14 @@ from ..errors import UserError
 from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
 from .checkpoint import check_state, read_state_dict
-from .contract import MIN_COVERAGE, AttributionAdapter, check_coverage, eager_attention, received_attention
+from .contract import (
+    MIN_COVERAGE,
+    AttributionAdapter,
+    check_coverage,
+    eager_attention,
+    positive_int,
+    received_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -422,13 +429,6 @@ class TgptTokenizer(CellTokenizer):
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _positive_int(cfg: dict[str, Any], key: str, where: str) -> int:
-    val = cfg.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise UserError(f"tGPT {where}: {key} = {val!r}, expected a positive integer")
-    return val
-
-
 def validate_config(cfg: dict[str, Any], where: str = CONFIG_FILE) -> dict[str, Any]:
     """Check a tGPT (GPT-2) config dict; returns it."""
     if cfg.get("model_type", "gpt2") != "gpt2":
@@ -443,7 +443,7 @@ def validate_config(cfg: dict[str, Any], where: str = CONFIG_FILE) -> dict[str, 
             "tGPT model (not a fine-tuned classifier) is supported"
         )
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        _positive_int(cfg, key, where)
+        positive_int(cfg, key, f"tGPT {where}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"tGPT {where}: n_embd {cfg['n_embd']} is not a multiple of n_head {cfg['n_head']}")
     if cfg.get("add_cross_attention"):
