@@ -347,7 +347,7 @@ class CellLMTokenizer(CellTokenizer):
         logged = np.log1p(raw * (np.float32(1.0) / (total / np.float32(1e4))))  # scanpy's float32 arithmetic
         return (logged / np.float32(np.log(2.0)) if self.normalize == "log2" else logged).astype(np.float32)
 
-    def _cell(self, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize_cell(self, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
         keep = vid >= 0
         vid, raw = vid[keep], np.asarray(values)[keep]
@@ -365,7 +365,7 @@ class CellLMTokenizer(CellTokenizer):
     ) -> dict[str, list[np.ndarray]]:
         out: dict[str, list[np.ndarray]] = {"input_ids": [], "tokens": []}
         for gi, v in zip(gene_index, values, strict=True):
-            ids, toks = self._cell(gi, v)
+            ids, toks = self.tokenize_cell(gi, v)
             out["input_ids"].append(ids)
             out["tokens"].append(toks)
         return out

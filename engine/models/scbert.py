@@ -375,7 +375,7 @@ class ScBertTokenizer(CellTokenizer):
                        "scBERT needs human gene symbols (Ensembl IDs without symbols do not match): convert the "
                        "data with human symbols")
 
-    def _cell(self, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def tokenize_cell(self, gene_index: np.ndarray, values: np.ndarray) -> np.ndarray:
         vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
         keep = vid >= 0
         raw = np.asarray(values, dtype=np.float32)[keep]
@@ -392,7 +392,7 @@ class ScBertTokenizer(CellTokenizer):
     def __call__(
         self, cell_ids: np.ndarray, gene_index: list[np.ndarray], values: list[np.ndarray]
     ) -> dict[str, list[np.ndarray]]:
-        return {"input_ids": [self._cell(gi, v) for gi, v in zip(gene_index, values, strict=True)]}
+        return {"input_ids": [self.tokenize_cell(gi, v) for gi, v in zip(gene_index, values, strict=True)]}
 
 
 # --------------------------------------------------------------------------------------------- the model

@@ -438,7 +438,7 @@ class ScFoundationTokenizer(CellTokenizer):
                        symbols, "scFoundation needs human gene symbols (mouse genes or Ensembl IDs without symbols "
                        "do not match): convert the data with human symbols")
 
-    def _cell(self, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize_cell(self, gene_index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vid = self.lookup[np.asarray(gene_index, dtype=np.int64)]
         keep = vid >= 0
         vid = vid[keep]
@@ -465,7 +465,7 @@ class ScFoundationTokenizer(CellTokenizer):
     ) -> dict[str, list[np.ndarray]]:
         out: dict[str, list[np.ndarray]] = {"input_ids": [], "values": []}
         for gi, v in zip(gene_index, values, strict=True):
-            ids, vals = self._cell(gi, v)
+            ids, vals = self.tokenize_cell(gi, v)
             out["input_ids"].append(ids)
             out["values"].append(vals)
         return out
