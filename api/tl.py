@@ -189,23 +189,43 @@ def foundation_model(model: str, checkpoint: str | Path | None, preset: str | No
     return get_model(model, opts)
 
 
-def embed_local(fm: Any, cells: Cells, batch_tokens: int, device: str) -> np.ndarray:
+#: cells per block of the in-process path: the engine's block size (``embed_store``'s ``block_cells``), so the
+#: cells share token-budget batches as they do in the Ray Data actors
+BLOCK_CELLS = 1024
+
+
+def embed_local(fm: Any, cells: Cells, batch_tokens: int, device: str, progress: bool = False) -> np.ndarray:
     """float32 [n_cells, d] in this process: the model's tokenizer, then ``embed_block`` (what each Ray Data
-    actor runs on its blocks)."""
-    from scdrugmap_ray.engine.pipeline.embed import embed_block
+    actor runs), block by block of ``BLOCK_CELLS`` cells in data order, with a bar of cells done."""
+    import time
+
+    from scdrugmap_ray.engine.pipeline.embed import cells_progress, embed_block
 
     tokenizer = fm.make_tokenizer(cells.genes)
     log.info("%s: vocabulary covers %.1f%% of the data's genes", fm.name, 100 * tokenizer.coverage)
-    csr = cells.csr
-    gi = [csr.indices[csr.indptr[i]:csr.indptr[i + 1]].astype(np.int32) for i in range(csr.shape[0])]
-    vals = [csr.data[csr.indptr[i]:csr.indptr[i + 1]].astype(np.float32) for i in range(csr.shape[0])]
-    tokens = tokenizer(cells.cell_ids, gi, vals)
-    block: dict[str, Any] = {k: list(v) for k, v in tokens.items()}
-    block["n_tokens"] = np.fromiter((len(t) for t in tokens["input_ids"]), dtype=np.int64,
-                                    count=len(tokens["input_ids"]))
-    block["cell_id"] = cells.cell_ids
     module = fm.load(device=device, dtype=None)
-    return np.asarray(embed_block(fm, module, block, batch_tokens, device)["embedding"], dtype=np.float32)
+    csr, n = cells.csr, cells.csr.shape[0]
+    out: np.ndarray | None = None
+    t0 = time.perf_counter()
+    with cells_progress(progress) as bar:
+        task = bar.add_task(f"embed {fm.name}", total=n, rate="")
+        for start in range(0, n, BLOCK_CELLS):
+            stop = min(start + BLOCK_CELLS, n)
+            gi = [csr.indices[csr.indptr[i]:csr.indptr[i + 1]].astype(np.int32) for i in range(start, stop)]
+            vals = [csr.data[csr.indptr[i]:csr.indptr[i + 1]].astype(np.float32) for i in range(start, stop)]
+            tokens = tokenizer(cells.cell_ids[start:stop], gi, vals)
+            block: dict[str, Any] = {k: list(v) for k, v in tokens.items()}
+            block["n_tokens"] = np.fromiter((len(t) for t in tokens["input_ids"]), dtype=np.int64,
+                                            count=len(tokens["input_ids"]))
+            block["cell_id"] = cells.cell_ids[start:stop]
+            emb = np.asarray(embed_block(fm, module, block, batch_tokens, device)["embedding"], dtype=np.float32)
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[start:stop] = emb
+            elapsed = time.perf_counter() - t0
+            bar.update(task, advance=stop - start, rate=f"{stop / elapsed:,.0f} cells/s" if elapsed else "")
+    assert out is not None
+    return out
 
 
 def embed(
@@ -222,6 +242,7 @@ def embed(
     backend: Backend = "auto",
     device: str | None = None,
     copy: bool = False,
+    progress: bool | None = None,
 ) -> ad.AnnData | None:
     """Embed every cell with a foundation model.
 
@@ -234,6 +255,7 @@ def embed(
     Writes ``obsm[key_added]`` (float32 [n_obs, d], default key ``X_<model>``; NaN rows for cells without
     any non-zero value) and ``uns[key_added]``: model, options, checkpoint path and SHA-256, random-weights
     flag, backend, batch_tokens, package version. Returns None, or the AnnData with ``copy=True`` or a path.
+    ``progress``: a bar of cells embedded (default: when there is more than one block of 1,024 cells).
     """
     adata, opened = open_data(adata)
     if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
@@ -250,7 +272,8 @@ def embed(
         if fm.requires_counts and not cells.is_counts:
             raise UserError(f"model {fm.name!r} needs raw counts (non-negative integers) but the AnnData holds other "
                             "values; pass the raw-count layer (layer='counts')")
-        emb = embed_local(fm, cells, batch_tokens, device or "cpu")
+        show = len(cells.rows) > BLOCK_CELLS if progress is None else bool(progress)
+        emb = embed_local(fm, cells, batch_tokens, device or "cpu", progress=show)
         out = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
         out[cells.rows] = emb
         n_done = len(cells.rows)

@@ -176,6 +176,7 @@ def convert(
     catalog: Catalog = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Cells read per chunk (bounds memory).")] = 10000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Convert an AnnData .h5ad into a cell store (streaming, bounded memory)."""
     from dataclasses import replace
@@ -187,7 +188,8 @@ def convert(
     )
     if out_dir.exists() and not overwrite:
         raise UserError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
-    report = convert_h5ad(input, out_dir, replace(opts, chunk_size=chunk_size), overwrite=overwrite)
+    report = convert_h5ad(input, out_dir, replace(opts, chunk_size=chunk_size), progress=not quiet,
+                          overwrite=overwrite)
     for line in report.lines():
         _say(line)
     _say(f"wrote cell store {out_dir}")
@@ -260,11 +262,12 @@ def run(
         str | None, typer.Option(help="Connect to this Ray cluster instead of starting a local one.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars (as --no-progress).")] = False,
 ) -> None:
     """Run a benchmark on an embedded local Ray (or an existing cluster with --address)."""
     import scdrugmap_ray as sdr
 
-    result = sdr.run(benchmark, out=out, resume=resume, address=address, progress=progress)
+    result = sdr.run(benchmark, out=out, resume=resume, address=address, progress=progress and not quiet)
     _print_summary(result)
 
 

@@ -293,3 +293,23 @@ def test_embed_refuses_non_counts(shared_dir: Path) -> None:
     adata = ad.read_h5ad(shared_dir / JHU)
     with pytest.raises(sdr.UserError, match="needs raw counts"):
         sdr.tl.embed(adata, "geneformer", preset="tiny")
+
+
+@pytest.mark.slow
+def test_embed_many_cells_in_blocks(shared_dir: Path, cells300: dict[str, Any], ray_session: None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than one block (1,024 cells) in memory: embedded block by block with a progress bar, the same
+    numbers as the Ray Data engine (backend='ray') on the same 1,500 real cells."""
+    import scdrugmap_ray as sdr
+
+    monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", str(cells300["cache"]))
+    adata = ad.read_h5ad(shared_dir / PC9)[-1500:].copy()  # the file's smallest cells: quick on 2 cores
+    local = adata.copy()
+    sdr.tl.embed(local, "geneformer", checkpoint=cells300["ckpt"], progress=True)
+    assert local.uns["X_geneformer"]["backend"] == "local"
+    sdr.tl.embed(adata, "geneformer", checkpoint=cells300["ckpt"], backend="ray")
+    assert adata.uns["X_geneformer"]["backend"] == "ray"
+    ok = np.isfinite(adata.obsm["X_geneformer"][:, 0])
+    assert ok.sum() > 1024
+    np.testing.assert_array_equal(np.isfinite(local.obsm["X_geneformer"][:, 0]), ok)
+    np.testing.assert_allclose(local.obsm["X_geneformer"][ok], adata.obsm["X_geneformer"][ok], rtol=0, atol=1e-5)
