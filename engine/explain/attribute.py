@@ -44,7 +44,7 @@ def baseline_reference(model: Any, store: CellStore, fold: Fold, chunk: int = 20
     """Mean prepared value per gene over the fold's training cells (streamed in chunks)."""
     total = np.zeros(store.n_genes)
     for start in range(0, len(fold.train), chunk):
-        x = model._prepare(model._check(store.read_csr(fold.train[start:start + chunk])))
+        x = model.prepared(store.read_csr(fold.train[start:start + chunk]))
         total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
     return (total / max(len(fold.train), 1)).astype(np.float32)
 

@@ -180,7 +180,7 @@ def head_score_fn(head: Any) -> Callable[[Any], Any]:
 def baseline_input(model: Model, cells: sp.csr_matrix) -> np.ndarray:
     """The dense input genes of a fitted baseline, [cells, all genes]: its prepared values (log1p CP10k
     of counts, or the values as they are). Callers pass small batches."""
-    return np.asarray(model._prepare(model._check(cells)).toarray(), dtype=np.float32)  # type: ignore[attr-defined]
+    return np.asarray(model.prepared(cells).toarray(), dtype=np.float32)  # type: ignore[attr-defined]
 
 
 def baseline_feature_fn(model: Model) -> Callable[[Any], Any]:

@@ -96,6 +96,11 @@ class _Normalizing(FittedFeatureModel):
             return log1p_inplace(scale_rows(cells, float(self.options["target_sum"])))
         return sp.csr_matrix(cells, dtype=np.float32, copy=True)
 
+    def prepared(self, cells: sp.csr_matrix) -> sp.csr_matrix:
+        """The cells as the featurizer reads them (checked against the fitted genes, then log-normalised):
+        the input that ``explain`` attributes."""
+        return self._prepare(self._check(cells))
+
     def _base_state(self) -> dict[str, Any]:
         return {"model": self.name, "options": self.options, "normalize": self.normalize,
                 "n_genes": self.n_genes, "gene_symbols": self.gene_symbols}
