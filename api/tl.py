@@ -323,6 +323,7 @@ def predict(
     backend: Backend = "auto",
     device: str | None = None,
     copy: bool = False,
+    progress: bool | None = None,
 ) -> ad.AnnData | None:
     """Predict drug response of every cell with a trained registry model (``"name"`` or ``"name@version"``;
     ``registry``: its root, default ``$SCDRUGMAP_RAY_REGISTRY``).
@@ -332,6 +333,7 @@ def predict(
     in ``obsm[f"X_{key_added}"]``, and ``uns[key_added]``: model@version, base model, head, kind,
     random-weights flag, threshold, cells predicted, package version. A second model under another
     ``key_added`` keeps the first one's columns. Returns None, or the AnnData with ``copy=True`` or a path.
+    ``progress``: a bar of cells predicted on the Ray Data path (default; ``False``: none).
     """
     from scdrugmap_ray.engine.registry import THRESHOLD, Registry, label_of
 
@@ -358,19 +360,27 @@ def predict(
             feats_all[cells.rows] = feats
         n_done = len(cells.rows)
     else:
+        import time
+
+        from scdrugmap_ray.engine.pipeline.embed import cells_progress
         from scdrugmap_ray.engine.registry import iter_predictions
 
         store = ray_store(adata, Path(adata.filename) if opened else None, layer, gene_key)
         n_done = 0
-        for b in iter_predictions(version_dir, store, want_features=embeddings, device=device):
-            rows = rows_in(adata, b["cell_id"])
-            p_all[rows] = np.asarray(b["p_sensitive"], dtype=np.float32)
-            n_done += len(rows)
-            if embeddings:
-                f = np.stack(b["features"]) if b["features"].dtype == object else b["features"]
-                if feats_all is None:
-                    feats_all = np.full((adata.n_obs, f.shape[1]), np.nan, dtype=np.float32)
-                feats_all[rows] = f
+        t0 = time.perf_counter()
+        with cells_progress(progress is not False) as bar:
+            task = bar.add_task(f"predict {model}", total=store.n_cells, rate="")
+            for b in iter_predictions(version_dir, store, want_features=embeddings, device=device):
+                rows = rows_in(adata, b["cell_id"])
+                p_all[rows] = np.asarray(b["p_sensitive"], dtype=np.float32)
+                n_done += len(rows)
+                if embeddings:
+                    f = np.stack(b["features"]) if b["features"].dtype == object else b["features"]
+                    if feats_all is None:
+                        feats_all = np.full((adata.n_obs, f.shape[1]), np.nan, dtype=np.float32)
+                    feats_all[rows] = f
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=len(rows), rate=f"{n_done / elapsed:,.0f} cells/s" if elapsed else "")
     if info.get("random_weights"):
         log.warning("%s@%s: RANDOM WEIGHTS (not pretrained): predictions mean nothing", info["name"], info["version"])
     labels = np.where(np.isnan(p_all), None, label_of(np.nan_to_num(p_all, nan=0.0)))
