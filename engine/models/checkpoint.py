@@ -115,12 +115,19 @@ def check_state(state: dict[str, Any], expected: dict[str, tuple[int, ...]], whe
 def materialize(build: Callable[[], Any], state: dict[str, Any], device: str = "cpu", dtype: Any = None) -> Any:
     """The module ``build()`` makes, built on the meta device (no random initialisation to throw away),
     holding the checkpoint's tensors (strict), on ``device`` in ``dtype`` (float32 by default: assign=True
-    keeps the checkpoint's tensors as they are, possibly memory-mapped, possibly half precision), in eval mode."""
+    keeps the checkpoint's tensors as they are, possibly memory-mapped, possibly half precision), in eval mode.
+    The one way every model loads its checked state (``check_state``)."""
     import torch
 
     with torch.device("meta"):
         module = build()
-    module.load_state_dict(state, strict=True, assign=True)
+    if any(b.is_meta for b in module.buffers()):
+        # non-persistent buffers (Hugging Face models' position ids, causal masks) are in no state dict:
+        # build for real and copy the checkpoint's tensors in
+        module = build()
+        module.load_state_dict(state, strict=True)
+    else:
+        module.load_state_dict(state, strict=True, assign=True)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return module.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()

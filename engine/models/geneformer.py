@@ -76,7 +76,7 @@ import pandas as pd
 from ..errors import UserError
 from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, read_state_dict
+from .checkpoint import check_state, materialize, read_state_dict
 from .contract import (
     MIN_COVERAGE,
     AttributionAdapter,
@@ -543,6 +543,8 @@ class GeneformerModel(FoundationModel):
     # -- weights ---------------------------------------------------------------------------------
 
     def load(self, device: str = "cpu", dtype: Any = None) -> Any:
+        import torch
+
         dtype = self.weights_dtype(device, dtype)  # option dtype: upstream precision by default
         ckpt = self.checkpoint_dir()
         cfg = self.config()
@@ -554,12 +556,12 @@ class GeneformerModel(FoundationModel):
         else:
             raise UserError(self._format_hint(ckpt))
         state = read_state_dict(path)
-        module = build_encoder(cfg)
-        kept = check_state(state, encoder_shapes(module), str(path), f"Geneformer's BERT encoder of its {CONFIG_FILE}",
-                           CONFIG_FILE, skip=SKIPPED_KEYS)
-        module.load_state_dict({k[len(ENCODER_PREFIX):]: v for k, v in kept.items()}, strict=True)
-        module.eval()
-        return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+        with torch.device("meta"):  # shapes only
+            shapes = encoder_shapes(build_encoder(cfg))
+        kept = check_state(state, shapes, str(path), f"Geneformer's BERT encoder of its {CONFIG_FILE}", CONFIG_FILE,
+                           skip=SKIPPED_KEYS)
+        return materialize(lambda: build_encoder(cfg), {k[len(ENCODER_PREFIX):]: v for k, v in kept.items()}, device,
+                           dtype)
 
     def embed(self, module: Any, batch: dict[str, Any]) -> Any:
         import torch

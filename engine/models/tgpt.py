@@ -99,7 +99,7 @@ from ..data.gene_ids import ensembl_to_symbols, gene_table
 from ..errors import UserError
 from ..fsutil import atomic_file, write_json
 from .base import CellTokenizer, FoundationModel, pad_ragged, register
-from .checkpoint import check_state, read_state_dict
+from .checkpoint import check_state, materialize, read_state_dict
 from .contract import (
     MIN_COVERAGE,
     AttributionAdapter,
@@ -638,14 +638,8 @@ class TgptModel(FoundationModel):
         module = build_body(cfg, device="meta")
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         body = check_state_dict(state, shapes, path)
-        if any(b.is_meta for b in module.buffers()):
-            # non-persistent buffers (some transformers versions keep a causal mask): build for real
-            module = build_body(cfg)
-            module.load_state_dict(body, strict=True)
-        else:  # take the file's tensors as they are (memory-mapped for .bin): no copy, no random init
-            module.load_state_dict(body, strict=True, assign=True)
-        module.eval()
-        return module.to(device=device, dtype=dtype or torch.float32)
+        # the file's tensors as they are (memory-mapped for .bin): no copy, no random init
+        return materialize(lambda: build_body(cfg), body, device, dtype or torch.float32)
 
     def embed(self, module: Any, batch: dict[str, Any]) -> Any:
         import torch
