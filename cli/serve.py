@@ -103,6 +103,7 @@ def predict(
     key_added: Annotated[str, typer.Option(help="Names in an .h5ad output: obs KEY_p_sensitive, KEY_label, obsm "
                                            "X_KEY, uns KEY (provenance), as sdr.tl.predict(key_added=KEY).")]
     = "scdrugmap",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Predict drug response of every cell with a registry model (Ray Data streaming, bounded memory)."""
     if not key_added or not key_added.replace("_", "").replace("-", "").isalnum():
@@ -122,13 +123,14 @@ def predict(
     version_dir = Registry(registry).resolve(model)
     if not data.exists():
         raise UserError(f"{data} not found")
-    store = ensure_store(data, ConvertOptions(layer=layer), cache_root() / "stores")
+    store = ensure_store(data, ConvertOptions(layer=layer), cache_root() / "stores", progress=not quiet)
     source = data if data.is_file() else Path(str(store.meta.get("source", "")))
     init_ray(address)
     from scdrugmap_ray.engine.runtime import parse_resources
 
     stats = predict_store(version_dir, store, out, embeddings=embeddings, source_h5ad=source, num_actors=actors,
-                          device=device, actor_resources=parse_resources(actor_resource), block_cells=batch_cells)
+                          device=device, actor_resources=parse_resources(actor_resource), block_cells=batch_cells,
+                          progress=not quiet)
     info = json.loads((version_dir / "model.json").read_text())
     if out.suffix.lower() == ".h5ad":  # the same names and provenance as sdr.tl.predict(key_added=...)
         from scdrugmap_ray.engine.registry import THRESHOLD
@@ -172,6 +174,7 @@ def _submit_predict(data: Path, model: str, out: Path, registry: Path | None, em
     command += ["--layer", layer] if layer else []
     command += ["--overwrite"] if overwrite else []
     command += ["--key-added", key_added] if key_added != "scdrugmap" else []
+    command += ["--quiet"]  # a job's log is no terminal: no progress bar
     client = jobs_submit.job_client(address)
     with tempfile.TemporaryDirectory(prefix="scdrugmap-submit-") as tmp:
         package = jobs_submit.stage_package(Path(tmp) / "stage")

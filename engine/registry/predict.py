@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UserError
-from ..pipeline.embed import tokenize_rows
+from ..pipeline.embed import cells_progress, tokenize_rows
 from ..runtime import actor_plan, check_actor_device, init_ray, quiet_ray_data, user_errors
 from .loaded import LoadedModel, column_map, gene_overlap, remap_with
 from .writers import PredictStats, write_h5ad, write_parquet
@@ -111,11 +111,12 @@ def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = Fal
 
 def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool = False,
                   source_h5ad: Path | None = None, num_actors: int | None = None, device: str | None = None,
-                  actor_resources: dict[str, float] | None = None, block_cells: int = 4096) -> PredictStats:
+                  actor_resources: dict[str, float] | None = None, block_cells: int = 4096,
+                  progress: bool = False) -> PredictStats:
     """Predict every cell of ``store`` and write ``out``: Parquet (cell_id, p_sensitive, label[, embedding]) or
     .h5ad (a copy of ``source_h5ad`` with ``obs`` columns ``scdrugmap_p_sensitive`` / ``scdrugmap_label`` and,
     with ``embeddings``, ``obsm['X_scdrugmap']``). Memory is bounded by Ray Data blocks, except for one float
-    per cell (and the cell-id index) when writing an .h5ad."""
+    per cell (and the cell-id index) when writing an .h5ad. ``progress``: a bar of cells predicted, with cells/s."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".h5ad"):
@@ -126,6 +127,7 @@ def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool 
     t0 = time.perf_counter()
     batches = iter_predictions(Path(version_dir), store, want_features=embeddings, num_actors=num_actors,
                                device=device, actor_resources=actor_resources, block_cells=block_cells)
+    batches = counted(batches, int(getattr(store, "n_cells", 0)) or None, t0, progress)
     if suffix == ".parquet":
         stats = write_parquet(batches, out, embeddings)
     else:
@@ -133,3 +135,16 @@ def predict_store(version_dir: Path, store: Any, out: Path, *, embeddings: bool 
         stats = write_h5ad(batches, Path(source_h5ad), out, embeddings)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def counted(batches: Iterator[dict[str, np.ndarray]], total: int | None, t0: float,
+            progress: bool) -> Iterator[dict[str, np.ndarray]]:
+    """The batches, passed through a bar of cells done (cells/s) as they arrive."""
+    done = 0
+    with cells_progress(progress) as bar:
+        task = bar.add_task("predict", total=total, rate="")
+        for b in batches:
+            done += len(b["cell_id"])
+            elapsed = time.perf_counter() - t0
+            bar.update(task, advance=len(b["cell_id"]), rate=f"{done / elapsed:,.0f} cells/s" if elapsed else "")
+            yield b
