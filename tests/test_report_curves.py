@@ -81,3 +81,46 @@ def test_embedding_map_of_real_cells(shared_dir: Path, ray_session: None, tmp_pa
     assert "120 of 120 cells in the PCA" in page or "120 of 120 cells in the UMAP" in page
     assert 'alt="auroc per fold with bootstrap confidence intervals"' in page  # bootstrap: 20 -> CI plot
     assert page.count('src="data:image/png;base64,') == page.count('<p class="caption">')
+
+
+@pytest.mark.slow
+def test_report_in_chromium(tmp_path: Path) -> None:
+    """The report as a reader sees it: every plot decodes in a real headless Chromium, each with its caption;
+    a full-page screenshot is kept (copied to $SCDRUGMAP_SCREENSHOT_DIR when set)."""
+    import os
+    import shutil
+
+    from test_report import make_run
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (os.path.exists(chromium) and os.path.exists(driver_path)):
+        pytest.fail("Debian chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    page = build_report(make_run(tmp_path))
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1200"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(page.as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0, "
+            "i.nextElementSibling && i.nextElementSibling.className]);")
+        assert len(images) == 10
+        assert all(ok for _, ok, _ in images), [alt for alt, ok, _ in images if not ok]
+        assert all(cls == "caption" for _, _, cls in images), images
+        height = int(driver.execute_script("return document.body.scrollHeight"))
+        driver.set_window_size(1280, min(height + 100, 16000))
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 50_000
+    finally:
+        driver.quit()
+    out = os.environ.get("SCDRUGMAP_SCREENSHOT_DIR")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(out) / shot.name)
