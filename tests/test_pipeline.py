@@ -101,4 +101,8 @@ def test_bench_embed_engine_and_naive_agree(
     assert engine["cells"] == naive["cells"] == 24
     # the engine pads to the longest cell of length-sorted batches, the naive loop to the model maximum
     assert engine["tokens"] == naive["tokens"] and engine["padded_tokens"] < naive["padded_tokens"]
-    assert "speedup_vs_naive" in res and "cells_per_s=" in engine["line"]
+    assert "speedup_vs_naive" in res and "cells_per_s=" in engine["line"] and "ray_start_s=" in engine["line"]
+    # the same batching without Ray (its blocks may split at other cells than Ray Data's)
+    local = res["in_process"]
+    assert local["tokens"] == engine["tokens"] and local["padded_tokens"] < naive["padded_tokens"]
+    assert res["speedup_in_process_vs_naive"] > 0
