@@ -152,6 +152,15 @@ def test_embed_api_equals_cli(in_memory: ad.AnnData, cells300: dict[str, Any]) -
     api_emb = in_memory[ids].obsm["X_geneformer"]
     assert len(ids) == int(np.isfinite(in_memory.obsm["X_geneformer"][:, 0]).sum())
     np.testing.assert_allclose(api_emb, cli_emb, rtol=0, atol=1e-5)
+    # an .h5ad --out: a copy of the input with obsm/uns under --key-added
+    h5 = cells300["dir"] / "embedded.h5ad"
+    res = cli("embed", str(cells300["path"]), "--model", "geneformer", "--checkpoint", str(cells300["ckpt"]),
+              "--out", str(h5), "--key-added", "gf", "--quiet", env={"SCDRUGMAP_RAY_CACHE": str(cells300["cache"])})
+    assert res.returncode == 0, res.stderr
+    written = ad.read_h5ad(h5)
+    assert written.uns["gf"]["model"] == "geneformer" and written.uns["gf"]["backend"] == "ray"
+    assert written.obs_names.equals(in_memory.obs_names) and written.n_vars == in_memory.n_vars
+    np.testing.assert_allclose(written.obsm["gf"], in_memory.obsm["X_geneformer"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
