@@ -189,43 +189,13 @@ def foundation_model(model: str, checkpoint: str | Path | None, preset: str | No
     return get_model(model, opts)
 
 
-#: cells per block of the in-process path: the engine's block size (``embed_store``'s ``block_cells``), so the
-#: cells share token-budget batches as they do in the Ray Data actors
-BLOCK_CELLS = 1024
-
-
 def embed_local(fm: Any, cells: Cells, batch_tokens: int, device: str, progress: bool = False) -> np.ndarray:
-    """float32 [n_cells, d] in this process: the model's tokenizer, then ``embed_block`` (what each Ray Data
-    actor runs), block by block of ``BLOCK_CELLS`` cells in data order, with a bar of cells done."""
-    import time
+    """float32 [n_cells, d] in this process, no Ray: the engine's ``embed_in_process`` (the model's tokenizer,
+    then the ``embed_block`` each Ray Data actor runs, over the engine's blocks of cells in data order)."""
+    from scdrugmap_ray.engine.pipeline.embed import embed_in_process
 
-    from scdrugmap_ray.engine.pipeline.embed import cells_progress, embed_block
-
-    tokenizer = fm.make_tokenizer(cells.genes)
-    log.info("%s: vocabulary covers %.1f%% of the data's genes", fm.name, 100 * tokenizer.coverage)
-    module = fm.load(device=device, dtype=None)
-    csr, n = cells.csr, cells.csr.shape[0]
-    out: np.ndarray | None = None
-    t0 = time.perf_counter()
-    with cells_progress(progress) as bar:
-        task = bar.add_task(f"embed {fm.name}", total=n, rate="")
-        for start in range(0, n, BLOCK_CELLS):
-            stop = min(start + BLOCK_CELLS, n)
-            gi = [csr.indices[csr.indptr[i]:csr.indptr[i + 1]].astype(np.int32) for i in range(start, stop)]
-            vals = [csr.data[csr.indptr[i]:csr.indptr[i + 1]].astype(np.float32) for i in range(start, stop)]
-            tokens = tokenizer(cells.cell_ids[start:stop], gi, vals)
-            block: dict[str, Any] = {k: list(v) for k, v in tokens.items()}
-            block["n_tokens"] = np.fromiter((len(t) for t in tokens["input_ids"]), dtype=np.int64,
-                                            count=len(tokens["input_ids"]))
-            block["cell_id"] = cells.cell_ids[start:stop]
-            emb = np.asarray(embed_block(fm, module, block, batch_tokens, device)["embedding"], dtype=np.float32)
-            if out is None:
-                out = np.empty((n, emb.shape[1]), dtype=np.float32)
-            out[start:stop] = emb
-            elapsed = time.perf_counter() - t0
-            bar.update(task, advance=stop - start, rate=f"{stop / elapsed:,.0f} cells/s" if elapsed else "")
-    assert out is not None
-    return out
+    return embed_in_process(fm, cells.cell_ids, cells.csr, cells.genes, batch_tokens=batch_tokens, device=device,
+                            progress=progress)
 
 
 def embed(
@@ -272,7 +242,9 @@ def embed(
         if fm.requires_counts and not cells.is_counts:
             raise UserError(f"model {fm.name!r} needs raw counts (non-negative integers) but the AnnData holds other "
                             "values; pass the raw-count layer (layer='counts')")
-        show = len(cells.rows) > BLOCK_CELLS if progress is None else bool(progress)
+        from scdrugmap_ray.engine.pipeline.embed import IN_PROCESS_BLOCK_CELLS
+
+        show = len(cells.rows) > IN_PROCESS_BLOCK_CELLS if progress is None else bool(progress)
         emb = embed_local(fm, cells, batch_tokens, device or "cpu", progress=show)
         out = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
         out[cells.rows] = emb
