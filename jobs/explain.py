@@ -70,9 +70,6 @@ __all__ = [  # the compute moved to engine/explain; these names stay importable 
 log = logging.getLogger(__name__)
 
 
-
-
-
 # --------------------------------------------------------------------------------------------- inputs
 
 
@@ -102,11 +99,7 @@ def source_h5ad(d: DataSpec, cache: Path) -> Path | None:
     return Path(d.path) if d.path and str(d.path).endswith(".h5ad") else None
 
 
-
-
 # ------------------------------------------------------------------------------------------ refitting
-
-
 
 
 def refit_fold(unit: Unit, fold: Fold, store: CellStore, obs: pd.DataFrame, spec: BenchmarkSpec,
@@ -137,17 +130,7 @@ def refit_fold(unit: Unit, fold: Fold, store: CellStore, obs: pd.DataFrame, spec
     return FoldModel("none", model, head, p_test=p)
 
 
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------------------ run
-
-
 
 
 def _write(df: pd.DataFrame, path: Path) -> None:

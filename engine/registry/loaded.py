@@ -25,8 +25,8 @@ THRESHOLD = 0.5  # p_sensitive >= 0.5 -> "sensitive"
 
 
 def label_of(p: np.ndarray) -> np.ndarray:
+    """Labels of p_sensitive: "sensitive" at or above THRESHOLD, else "resistant" (an object array)."""
     return np.where(np.asarray(p) >= THRESHOLD, "sensitive", "resistant").astype(object)
-
 
 
 def genes_frame(symbols: Sequence[str]) -> pd.DataFrame:

@@ -63,8 +63,6 @@ class _PredictActor:
         return out
 
 
-
-
 def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = False, num_actors: int | None = None,
                      device: str | None = None, batch_tokens: int = 16_384, block_cells: int = 4096,
                      actor_resources: dict[str, float] | None = None,

@@ -66,7 +66,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(ver)
 
 
-
 class Registry:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root else default_registry()

@@ -31,7 +31,6 @@ class PredictStats:
         return self.n_cells / self.seconds if self.seconds else 0.0
 
 
-
 def write_parquet(batches: Iterator[dict[str, np.ndarray]], out: Path, embeddings: bool) -> PredictStats:
     n = n_sens = dim = 0
     with atomic_file(out) as tmp:
