@@ -136,6 +136,19 @@ def pad_ragged(
     return out, lengths
 
 
+def pad_tokens(input_ids: Sequence[np.ndarray], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
+    """The batch of a model whose cells are token ids only (Geneformer, tGPT): right-padded ``input_ids``,
+    ``attention_mask`` and ``lengths`` tensors. A cell with no token attends to one pad token (no
+    all-masked row, no NaN); the model's embed zeroes it."""
+    import torch  # heavy: batches are built where the model runs
+
+    ids, lengths = pad_ragged(input_ids, pad_id, np.int64, pad_to)
+    mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
+    mask[lengths == 0, 0] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "lengths": torch.from_numpy(lengths)}
+
+
 class CellTokenizer(ABC):
     """Turns cells of one store into what a model sees. Built once per (store genes, checkpoint),
     picklable (it runs in Ray Data CPU tasks), pure and deterministic: a cell's tokens never depend on

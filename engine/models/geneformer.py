@@ -75,7 +75,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..fsutil import atomic_file, write_json
-from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .base import CellTokenizer, FoundationModel, pad_tokens, register
 from .checkpoint import check_state, materialize, read_state_dict
 from .contract import (
     MIN_COVERAGE,
@@ -527,18 +527,7 @@ class GeneformerModel(FoundationModel):
     # -- batches ---------------------------------------------------------------------------------
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
-        import torch
-
-        pad_id = load_dictionaries(self.version).pad_id
-        ids, lengths = pad_ragged(rows["input_ids"], pad_id, np.int64, pad_to)
-        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
-        # a cell with no token attends to one pad token (no all-masked row, no NaN); embed zeroes it
-        mask[lengths == 0, 0] = 1
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "lengths": torch.from_numpy(lengths),
-        }
+        return pad_tokens(rows["input_ids"], load_dictionaries(self.version).pad_id, pad_to)
 
     # -- weights ---------------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ import pandas as pd
 from ..data.gene_ids import ensembl_to_symbols, gene_table
 from ..errors import UserError
 from ..fsutil import atomic_file, write_json
-from .base import CellTokenizer, FoundationModel, pad_ragged, register
+from .base import CellTokenizer, FoundationModel, pad_tokens, register
 from .checkpoint import check_state, materialize, read_state_dict
 from .contract import (
     MIN_COVERAGE,
@@ -607,17 +607,7 @@ class TgptModel(FoundationModel):
     # -- batches ---------------------------------------------------------------------------------
 
     def collate(self, rows: dict[str, list[np.ndarray]], pad_to: int | None = None) -> dict[str, Any]:
-        import torch
-
-        # right padding, as the original tokenizer pads
-        ids, lengths = pad_ragged(rows["input_ids"], self.vocabulary().pad_id, np.int64, pad_to)
-        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
-        mask[lengths == 0, 0] = 1  # an empty row attends to one pad token (no NaN); embed zeroes it
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "lengths": torch.from_numpy(lengths),
-        }
+        return pad_tokens(rows["input_ids"], self.vocabulary().pad_id, pad_to)  # right padding, as the original
 
     # -- weights ---------------------------------------------------------------------------------
 
