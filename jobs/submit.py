@@ -122,8 +122,17 @@ def _package_dirs() -> dict[str, Path]:
 
 
 def stage_package(dest: Path) -> Path:
-    """Copy the package's subpackages to ``dest/scdrugmap_ray`` (no caches); return that directory."""
+    """Copy the package to ``dest/scdrugmap_ray`` (no caches): the root package's own modules (the Python
+    API, which the CLI calls) and its subpackages; return that directory."""
+    import importlib
+
     root = Path(dest) / PACKAGE
+    top = importlib.import_module(PACKAGE).__file__
+    if top is None:
+        raise UserError(f"{PACKAGE} has no __init__.py on disk; reinstall scdrugmap-ray (pip install .)")
+    root.mkdir(parents=True, exist_ok=True)
+    for module in Path(top).parent.glob("*.py"):  # a regular install holds the subpackages there too
+        shutil.copy2(module, root / module.name)
     for sub, src in _package_dirs().items():
         shutil.copytree(src, root / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     return root

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,22 +26,11 @@ import psutil
 import pytest
 import requests
 import yaml
+from cluster import free_ports  # never hands a port out twice in this process
 from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.jobs import submit as jobs
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _kill_leftovers(marker: str) -> None:
@@ -64,7 +52,7 @@ def _ray_head(auth_token: str | None = None) -> Iterator[str]:
     ray_bin = VENV_BIN / "ray" if (VENV_BIN / "ray").exists() else shutil.which("ray")
     assert ray_bin, "the `ray` command is not installed beside this Python"
     temp = Path(tempfile.mkdtemp(prefix="rayt_", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    gcs, dash, client, agent, agent_grpc, metrics = _free_ports(6)
+    gcs, dash, client, agent, agent_grpc, metrics = free_ports(6)
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
@@ -159,7 +147,7 @@ def _wait_status(address: str, job_id: str, want: str, timeout_s: float = 60) ->
 
 
 def test_unreachable_address_is_a_user_error(tmp_path: Path) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     with pytest.raises(UserError, match=rf"cannot reach the Ray dashboard at http://127\.0\.0\.1:{port}.*ray start"):
         jobs.submit(_spec(tmp_path), f"127.0.0.1:{port}")
     with pytest.raises(UserError, match="cannot reach"):
@@ -183,12 +171,12 @@ def test_relative_output_and_cache_are_refused(tmp_path: Path, monkeypatch: pyte
     spec.write_text(yaml.safe_dump({"name": "x", "data": [{"simulate": {"cells": 100}}],
                                     "models": [{"name": "pca-logreg"}], "output": "runs/x"}))
     with pytest.raises(UserError, match=r"run directory .*'runs/x' is a relative path.*s3://"):
-        jobs.submit(spec, f"127.0.0.1:{_free_ports(1)[0]}")
+        jobs.submit(spec, f"127.0.0.1:{free_ports(1)[0]}")
     spec.write_text(yaml.safe_dump({"name": "x", "data": [{"simulate": {"cells": 100}}],
                                     "models": [{"name": "pca-logreg"}], "output": str(tmp_path / "out"),
                                     "cache": "cache"}))
     with pytest.raises(UserError, match=r"`cache:` .*'cache' is a relative path"):
-        jobs.submit(spec, f"127.0.0.1:{_free_ports(1)[0]}")
+        jobs.submit(spec, f"127.0.0.1:{free_ports(1)[0]}")
     monkeypatch.setenv("SCDRUGMAP_RAY_CACHE", "rel-cache")
     with pytest.raises(UserError, match=r"SCDRUGMAP_RAY_CACHE 'rel-cache' is a relative path"):
         jobs.cluster_env()
@@ -199,10 +187,15 @@ def test_relative_output_and_cache_are_refused(tmp_path: Path, monkeypatch: pyte
 def test_stage_package_copies_every_subpackage(tmp_path: Path) -> None:
     root = jobs.stage_package(tmp_path)
     assert root == tmp_path / "scdrugmap_ray"
-    for rel in ("engine/errors.py", "engine/fsutil.py", "jobs/submit.py", "jobs/report.py", "cli/main.py",
-                "serve/__init__.py"):
+    for rel in ("__init__.py", "tl.py", "engine/errors.py", "engine/fsutil.py", "jobs/submit.py", "jobs/report.py",
+                "cli/main.py", "serve/__init__.py"):
         assert (root / rel).is_file(), rel
     assert not list(root.rglob("__pycache__"))
+    # the staged copy is importable on its own, Python API included (the CLI calls sdr.run)
+    code = "import scdrugmap_ray as sdr, sys; assert sdr.__file__.startswith(sys.argv[1]); print(callable(sdr.run))"
+    out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------- real Ray head

@@ -5,7 +5,6 @@ Named so that it runs after test_web.py: it adds a model to the shared registry 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +13,11 @@ from typing import Any
 import anndata as ad
 import httpx
 import pytest
+from browser import headless_chromium
 from serving import API_KEY, served
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 MODEL = "explorer-pca"
 
 
@@ -92,37 +90,24 @@ def test_explorer_api(explored: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def page(explored: dict[str, Any]) -> Iterator[Any]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("Debian chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver "
-                    "(.ci/run installs them)")
-    from selenium import webdriver
     from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1600"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for a failure's message
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    driver.get(explored["url"] + "/#datasets")
-    key = driver.find_element(By.ID, "api-key")
-    key.send_keys(API_KEY)
-    key.send_keys(Keys.TAB)  # the change event reloads every tab's data with the key
-    try:
-        WebDriverWait(driver, 120).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#datasets-table tbody tr")) == 60)
-    except TimeoutException:
-        logs = [e["message"] for e in driver.get_log("browser")]
-        pytest.fail(f"the catalog did not load: status {driver.find_element(By.ID, 'datasets-status').text!r}, "
-                    f"console {logs}")
-    yield driver
-    driver.quit()
+    with headless_chromium(1400, 1600, console=True) as driver:  # the console, for a failure's message
+        driver.get(explored["url"] + "/#datasets")
+        key = driver.find_element(By.ID, "api-key")
+        key.send_keys(API_KEY)
+        key.send_keys(Keys.TAB)  # the change event reloads every tab's data with the key
+        try:
+            WebDriverWait(driver, 120).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#datasets-table tbody tr")) == 60)
+        except TimeoutException:
+            logs = [e["message"] for e in driver.get_log("browser")]
+            pytest.fail(f"the catalog did not load: status {driver.find_element(By.ID, 'datasets-status').text!r}, "
+                        f"console {logs}")
+        yield driver
 
 
 def _tab(b: Any, name: str) -> None:
