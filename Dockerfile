@@ -30,6 +30,7 @@ RUN apt-get update \
 WORKDIR /opt/scdrugmap-ray
 COPY pyproject.toml README.md ./
 COPY tools/install.sh tools/install.sh
+COPY api api
 COPY engine engine
 COPY jobs jobs
 COPY serve serve

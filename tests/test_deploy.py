@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,12 @@ def test_dockerfile_cpu_default_cuda_arg_non_root_and_the_shared_install() -> No
     assert "make test" in (REPO / ".ci" / "run").read_text()
     # every file the image copies exists and is let through by .dockerignore (which keeps .venv out of the context)
     allowed = {line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    for line in re.findall(r"^COPY (.+)$", text, re.M):
-        for copied in line.split()[:-1]:
-            assert (REPO / copied).exists() and copied in allowed, copied
+    copies = [copied for line in re.findall(r"^COPY (.+)$", text, re.M) for copied in line.split()[:-1]]
+    for copied in copies:
+        assert (REPO / copied).exists() and copied in allowed, copied
+    # the image installs the package: every folder pyproject maps into it is copied
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert set(package_dirs.values()) <= set(copies), set(package_dirs.values()) - set(copies)
 
 
 def test_install_script() -> None:
