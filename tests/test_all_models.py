@@ -80,5 +80,5 @@ def test_lora_refused_for_a_baseline(tmp_path: Path) -> None:
     assert parse_spec(raw, "lora.yaml").models[-1].name == "pca-logreg"
     raw = _config("lora.yaml", tmp_path)
     raw["models"][0]["lora"] = {"rank": 4}
-    with pytest.raises(UserError, match="unknown lora setting"):
+    with pytest.raises(UserError, match=r"models\[0\]\.lora\.rank: unknown key; allowed: r, alpha"):
         parse_spec(raw, "lora.yaml")
