@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "scdrugmap_ray"
-FOLDERS = ("engine", "jobs", "serve", "cli")
+FOLDERS = ("api", "engine", "jobs", "serve", "cli")  # api/ is the root package itself
 
 # (importer, imported) -> why the import is inside a function. Only heavy, optional imports belong here.
 LAZY_HEAVY: dict[tuple[str, str], str] = {}
@@ -22,7 +22,9 @@ LAZY_HEAVY: dict[tuple[str, str], str] = {}
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
+    if parts[0] == "api":  # pyproject maps api/ to scdrugmap_ray
+        parts.pop(0)
+    if parts and parts[-1] == "__init__":
         parts.pop()
     return ".".join([PACKAGE, *parts])
 
