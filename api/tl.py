@@ -334,7 +334,7 @@ def predict(
     else:
         import time
 
-        from scdrugmap_ray.engine.pipeline.embed import cells_progress
+        from scdrugmap_ray.engine.progress import cells_progress, rate_text
         from scdrugmap_ray.engine.registry import iter_predictions
 
         store = ray_store(adata, Path(adata.filename) if opened else None, layer, gene_key)
@@ -351,8 +351,7 @@ def predict(
                     if feats_all is None:
                         feats_all = np.full((adata.n_obs, f.shape[1]), np.nan, dtype=np.float32)
                     feats_all[rows] = f
-                elapsed = time.perf_counter() - t0
-                bar.update(task, advance=len(rows), rate=f"{n_done / elapsed:,.0f} cells/s" if elapsed else "")
+                bar.update(task, advance=len(rows), rate=rate_text(n_done, t0))
     if info.get("random_weights"):
         log.warning("%s@%s: RANDOM WEIGHTS (not pretrained): predictions mean nothing", info["name"], info["version"])
     labels = np.where(np.isnan(p_all), None, label_of(np.nan_to_num(p_all, nan=0.0)))

@@ -20,6 +20,7 @@ def explain(
     de_max_cells: Annotated[int, typer.Option(help="Cells per class and group in differential expression.")] = 2000,
     top: Annotated[int, typer.Option(help="Genes per group in the biomarker table.")] = 20,
     workers: Annotated[int, typer.Option(help="Ray actors attributing batches in parallel (1: in process).")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Explain one unit: attributions, DE (true and predicted classes), biomarkers, resistance analysis."""
     import json
@@ -35,7 +36,7 @@ def explain(
             raise UserError(f"{name} must be at least 1, got {value}")
     opts = ExplainOptions(unit=unit, method=method, max_cells=max_cells, fm_max_cells=fm_max_cells,
                           de_max_cells=de_max_cells, top=top, workers=workers)
-    out_dir = explain_run(run_dir, out, opts)
+    out_dir = explain_run(run_dir, out, opts, progress=not quiet)
     summary = json.loads((out_dir / "summary.json").read_text())
     typer.echo(f"explained {summary['unit_id']} -> {out_dir / 'explain.html'}")
     rec = summary.get(f"precision_at_{top}") or {}

@@ -40,6 +40,7 @@ def prompt(
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
     cache: Annotated[Path | None, typer.Option(help="Response cache directory (default: the user cache).")] = None,
     seed: int = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Zero/few-shot drug-response prediction of a store's labelled cells by a chat model; prints metrics,
     abstentions, tokens and cost. Few-shot examples come from the store's other labelled cells."""
@@ -71,7 +72,8 @@ def prompt(
                                       "concurrency": concurrency})
     backend = chat_backend_of(m, cache or cache_root() / "llm-responses")
     try:
-        res = predict_prompts(backend, cs, obs, fold, "few_shot" if few_shot else "zero_shot", settings, seed)
+        res = predict_prompts(backend, cs, obs, fold, "few_shot" if few_shot else "zero_shot", settings, seed,
+                              progress=not quiet)
     finally:
         backend.close()
     df = pd.DataFrame({"cell_id": obs["cell_id"].to_numpy()[res.test_rows], "y_true": res.y_true,

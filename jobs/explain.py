@@ -54,6 +54,7 @@ from scdrugmap_ray.engine.explain.report import write_explain_html
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, get_model
 from scdrugmap_ray.engine.pipeline.embed import DONE, read_embeddings
+from scdrugmap_ray.engine.progress import progress_bar
 from scdrugmap_ray.engine.train.frozen import fold_features, store_embedding
 from scdrugmap_ray.engine.train.heads import make_head
 from scdrugmap_ray.engine.train.lora import load_finetuned
@@ -182,9 +183,15 @@ def load_unit(run_dir: str | Path, unit_id: str | None = None) -> UnitContext:
     return UnitContext(run_dir, spec, results, unit, d, cache, store, obs, preds, pred_rows.astype(np.int64))
 
 
-def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: ExplainOptions | None = None) -> Path:
-    """Explain one unit of a finished run (the best one by default); return the output directory."""
-    opts = opts or ExplainOptions()
+def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: ExplainOptions | None = None,
+                progress: bool = False) -> Path:
+    """Explain one unit of a finished run (the best one by default); return the output directory.
+    ``progress``: a bar of the steps (each fold's attributions, then DE and biomarkers, then the page)."""
+    with progress_bar(progress, rate=False) as bar:
+        return _explain_unit(run_dir, out, opts or ExplainOptions(), bar)
+
+
+def _explain_unit(run_dir: str | Path, out: str | Path | None, opts: ExplainOptions, bar: Any) -> Path:
     ctx = load_unit(run_dir, opts.unit)
     run_dir, spec, results, unit, d, cache = ctx.run_dir, ctx.spec, ctx.results, ctx.unit, ctx.data, ctx.cache
     store, obs, preds, pred_rows = ctx.store, ctx.obs, ctx.preds, ctx.pred_rows
@@ -216,6 +223,7 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
     coefs: list[np.ndarray] = []
     refit_diff = 0.0
     pool = AttributorPool(opts.workers, store, obs, levels, opts) if attributable and opts.workers > 1 else None
+    task = bar.add_task(f"explain {unit_id}", total=(len(unit.folds) if attributable else 0) + 2)
     for fold in unit.folds if attributable else []:
         fmod = refit_fold(unit, fold, store, obs, spec, run_dir, emb)
         limit = opts.max_cells if fmod.kind == "baseline" else opts.fm_max_cells
@@ -235,6 +243,7 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
                                                                                          levels)
         for lvl, s in fold_sums.items():
             sums.setdefault(lvl, GeneSums(store.n_genes)).merge(s)
+        bar.advance(task)
     if pool is not None:
         pool.close()
     attr_frames = []
@@ -267,6 +276,7 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
     _write(samples, out_dir / "resistance_samples.parquet")
     _write(disc, out_dir / "discordant_cells.parquet")
     pick, xy = embedding_2d(store, pred_rows, emb, 5000, opts.seed, store.is_counts)
+    bar.advance(task)
 
     # ---- planted genes (simulated data)
     planted = planted_genes(source_h5ad(d, cache))
@@ -303,6 +313,7 @@ def explain_run(run_dir: str | Path, out: str | Path | None = None, opts: Explai
                        bio_summary=bio_summary, samples=samples, disc=disc,
                        preds=preds.iloc[pick].reset_index(drop=True), xy=xy, store=store, pred_rows=pred_rows,
                        planted=planted, top=opts.top)
+    bar.advance(task)
     return out_dir
 
 

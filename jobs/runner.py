@@ -30,6 +30,7 @@ from scdrugmap_ray.engine.eval.metrics import METRICS, bootstrap_ci, breakdown, 
 from scdrugmap_ray.engine.fsutil import atomic_file, write_json
 from scdrugmap_ray.engine.models.base import EmbeddingModel, get_model
 from scdrugmap_ray.engine.pipeline.embed import EmbeddingSet
+from scdrugmap_ray.engine.progress import progress_bar
 from scdrugmap_ray.engine.runtime import init_ray
 from scdrugmap_ray.engine.train.frozen import FoldOutcome, obs_columns, obs_rows, run_frozen_fold
 
@@ -234,19 +235,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def run_benchmark(
     spec: BenchmarkSpec,
     *,
@@ -307,7 +295,7 @@ def run_benchmark(
     todo = [(u, f) for u, f in todo if u.strategy not in ("lora", *PROMPT_STRATEGIES)]
     # the cell metadata goes to the object store once per data entry, as Arrow (read zero-copy by the tasks)
     obs_refs = {name: ray.put(pa.Table.from_pandas(obs, preserve_index=False)) for name, obs in obs_by_data.items()}
-    with _progress(len(todo) + len(lora_todo) + len(prompt_todo), progress) as bar:
+    with progress_bar(progress, rate=False) as bar:
         task = bar.add_task("folds", total=len(todo) + len(lora_todo) + len(prompt_todo))
         # LoRA folds train with Ray Train from the driver, one after another: each needs the workers'
         # resources for itself, so it must not run inside a task that already holds some.

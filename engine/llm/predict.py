@@ -22,6 +22,7 @@ import pandas as pd
 from ..data.splits import Fold
 from ..data.store import CellStore
 from ..errors import UserError
+from ..progress import cells_progress, rate_text
 from .client import ChatBackend, Usage
 from .prompt import PromptCell, fit_messages, parse_answer
 from .sentence import SentenceBuilder, SentenceSpec
@@ -117,7 +118,9 @@ def test_subset(fold: Fold, max_cells: int | None, seed: int) -> np.ndarray:
 
 
 def predict_prompts(backend: ChatBackend, store: CellStore, obs: pd.DataFrame, fold: Fold, strategy: str,
-                    settings: PromptSettings, seed: int) -> PromptOutcome:
+                    settings: PromptSettings, seed: int, progress: bool = False) -> PromptOutcome:
+    """One chat request per test cell (cached answers reused), in batches of ``settings.batch_size``;
+    ``progress``: a bar of cells answered, with cells/s."""
     if strategy not in PROMPT_STRATEGIES:
         raise ValueError(strategy)
     t0 = time.perf_counter()
@@ -134,27 +137,31 @@ def predict_prompts(backend: ChatBackend, store: CellStore, obs: pd.DataFrame, f
     abstained = np.zeros(len(rows), dtype=bool)
     dropped = np.zeros(len(rows), dtype=np.int32)
     total = Usage()
-    for start in range(0, len(rows), settings.batch_size):
-        part = rows[start : start + settings.batch_size]
-        chats = []
-        for j, cell in enumerate(_cells(store, obs, part, builder, labels=False)):
-            msgs, n_drop = fit_messages(cell, examples, context=settings.context, with_values=with_values,
-                                        count_tokens=backend.count_tokens, budget=budget)
-            dropped[start + j] = n_drop
-            chats.append(msgs)
-        results, usage = backend.complete(chats, settings.params)
-        for f in ("n_requests", "n_cached", "prompt_tokens", "completion_tokens", "cost_usd", "retries"):
-            setattr(total, f, getattr(total, f) + getattr(usage, f))
-        for j, res in enumerate(results):
-            ans = parse_answer(res.text) if res.error is None else None
-            i = start + j
-            answers.append(res.text)
-            if ans is None:
-                reasons.append(f"request failed: {res.error}")
-                abstained[i], p[i] = True, 0.5
-            else:
-                reasons.append(ans.reason)
-                abstained[i], p[i] = ans.abstained, ans.p_sensitive
+    bar = cells_progress(progress)
+    task = bar.add_task(f"prompt {backend.model}", total=len(rows), rate="")
+    with bar:
+        for start in range(0, len(rows), settings.batch_size):
+            part = rows[start : start + settings.batch_size]
+            chats = []
+            for j, cell in enumerate(_cells(store, obs, part, builder, labels=False)):
+                msgs, n_drop = fit_messages(cell, examples, context=settings.context, with_values=with_values,
+                                            count_tokens=backend.count_tokens, budget=budget)
+                dropped[start + j] = n_drop
+                chats.append(msgs)
+            results, usage = backend.complete(chats, settings.params)
+            for f in ("n_requests", "n_cached", "prompt_tokens", "completion_tokens", "cost_usd", "retries"):
+                setattr(total, f, getattr(total, f) + getattr(usage, f))
+            for j, res in enumerate(results):
+                ans = parse_answer(res.text) if res.error is None else None
+                i = start + j
+                answers.append(res.text)
+                if ans is None:
+                    reasons.append(f"request failed: {res.error}")
+                    abstained[i], p[i] = True, 0.5
+                else:
+                    reasons.append(ans.reason)
+                    abstained[i], p[i] = ans.abstained, ans.p_sensitive
+            bar.update(task, advance=len(part), rate=rate_text(start + len(part), t0))
     n_cut = int((dropped > 0).sum())
     if n_cut:
         log.warning("%d of %d prompts were longer than the model's context (%d tokens): their cells' lowest-"

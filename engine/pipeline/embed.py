@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from ..errors import UserError
 from ..models.base import get_model
 from ..models.lora_adapter import load_finetuned
+from ..progress import cells_progress, rate_text
 from ..runtime import ActorPlan, actor_plan, check_actor_device, init_ray, quiet_ray_data, user_errors
 from ..storage import Location, location
 
@@ -265,8 +266,7 @@ def embed_in_process(model: FoundationModel, cell_ids: np.ndarray, csr: Any, gen
             if out is None:
                 out = np.empty((n, emb.shape[1]), dtype=np.float32)
             out[start:stop] = emb
-            elapsed = time.perf_counter() - t0
-            bar.update(task, advance=stop - start, rate=f"{stop / elapsed:,.0f} cells/s" if elapsed else "")
+            bar.update(task, advance=stop - start, rate=rate_text(stop, t0))
     if out is None:
         raise UserError("no cells to embed")
     return out
@@ -329,14 +329,6 @@ def _pipeline(model: FoundationModel, store: CellStore, tokenizer: CellTokenizer
 
 def _dtype_for(device: str, dtype: str | None) -> str | None:
     return dtype or ("bfloat16" if device == "cuda" else None)
-
-
-def cells_progress(enabled: bool) -> Any:
-    """A rich bar of cells done, with cells/s, driven by the batches as they finish."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), disable=not enabled, transient=False)
 
 
 def embed_store(
@@ -488,8 +480,7 @@ def _embed_shards(model: FoundationModel, store: CellStore, tokenizer: CellToken
                 cells_now += n_b
                 tokens += int(b["tokens"].sum())
                 padded += int(b["padded_tokens"].sum())
-                elapsed = time.perf_counter() - t0
-                bar.update(task, advance=n_b, rate=f"{cells_now / elapsed:,.0f} cells/s" if elapsed else "")
+                bar.update(task, advance=n_b, rate=rate_text(cells_now, t0))
     with user_errors():
         dims = ray.get(compactions)
     short = [s for s in todo if done.get(s, 0) != expected[s]]

@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UserError
-from ..pipeline.embed import cells_progress, tokenize_rows
+from ..pipeline.embed import tokenize_rows
+from ..progress import cells_progress, rate_text
 from ..runtime import actor_plan, check_actor_device, init_ray, quiet_ray_data, user_errors
 from .loaded import LoadedModel, column_map, gene_overlap, remap_with
 from .writers import PredictStats, write_h5ad, write_parquet
@@ -143,6 +144,5 @@ def counted(batches: Iterator[dict[str, np.ndarray]], total: int | None, t0: flo
         task = bar.add_task("predict", total=total, rate="")
         for b in batches:
             done += len(b["cell_id"])
-            elapsed = time.perf_counter() - t0
-            bar.update(task, advance=len(b["cell_id"]), rate=f"{done / elapsed:,.0f} cells/s" if elapsed else "")
+            bar.update(task, advance=len(b["cell_id"]), rate=rate_text(done, t0))
             yield b
