@@ -57,8 +57,9 @@ def quiet_ray_data() -> None:
 
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError behind a Ray failure, if there is one: the exception itself or one of its causes (Ray
-    Data raises the original error with ``raise_original_map_exception``); Ray Train and plain tasks
-    keep the remote error's text only, so its last ``UserError:`` line is read from there."""
+    Data raises the original error with ``raise_original_map_exception``, a plain task's RayTaskError holds
+    it as ``cause``); Ray Train keeps a worker's error as text only (its original sits behind a private
+    attribute), so the last ``UserError:`` line of that text is read."""
     todo: list[BaseException | None] = [exc]
     seen: set[int] = set()
     while todo:
@@ -66,12 +67,19 @@ def user_error_in(exc: BaseException) -> UserError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            # a RayTaskError (a plain task's failure): it may also be an instance of the remote error's class,
+            # but its text is the remote traceback; the remote exception itself is its ``cause``
+            todo.append(cause)
+            continue
         if isinstance(e, UserError):
             return e
         found = _USER_ERROR_LINE.findall(str(e))
         if found:
             return UserError(found[-1])
-        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> exception
+        todo.extend([e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())])
     return None
 
 
@@ -80,13 +88,11 @@ def user_errors() -> Iterator[None]:
     """Re-raise a remote UserError as itself (one line for the user) instead of Ray's wrapped traceback."""
     try:
         yield
-    except UserError:
-        raise
-    except Exception as err:
+    except Exception as err:  # a RayTaskError of a remote UserError is a UserError too, but prints a traceback
         user = user_error_in(err)
-        if user is not None:
-            raise user from None
-        raise
+        if user is None or user is err:
+            raise
+        raise user from None
 
 
 def parse_resources(items: list[str] | None) -> dict[str, float]:
