@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scdrugmap_ray.engine.defaults import DEFAULT_BATCH_TOKENS
 from scdrugmap_ray.engine.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 #: in-memory AnnData up to this many cells run in-process (no Ray); more (or backed / path) use Ray Data
 IN_MEMORY_MAX_CELLS = 20_000
-#: tokens per model batch (cells x longest cell), as the CLI's ``--batch-tokens``
-DEFAULT_BATCH_TOKENS = 16_384
 #: the default ``key_added`` of predict: obs columns ``scdrugmap_p_sensitive`` / ``scdrugmap_label``
 DEFAULT_PREDICT_KEY = "scdrugmap"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from scdrugmap_ray.engine.defaults import DEFAULT_BATCH_TOKENS
 from scdrugmap_ray.engine.errors import UserError
 
 log = logging.getLogger("scdrugmap_ray")
@@ -429,7 +430,7 @@ def embed(
                                           "for an .h5ad input, an .h5ad: a copy with obsm[KEY] and uns[KEY].")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per model batch.")] = 16384,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per model batch.")] = DEFAULT_BATCH_TOKENS,
     device: Device = None,
     actors: Actors = None,
     actor_resource: ActorResource = None,
@@ -492,7 +493,7 @@ def bench_embed(
     checkpoint: Checkpoint = None,
     preset: Preset = None,
     cells: Annotated[int, typer.Option(min=1, help="Cells to embed.")] = 2000,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Engine tokens per batch.")] = 16384,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Engine tokens per batch.")] = DEFAULT_BATCH_TOKENS,
     naive_batch: Annotated[int, typer.Option(min=1, help="Cells per batch of the naive loop.")] = 8,
 ) -> None:
     """Engine vs the naive loop (fixed batches padded to the maximum, fp32): cells/s, padding, memory.

@@ -235,3 +235,16 @@ def test_every_package_folder_is_packaged() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {_module_name(p) for folder in FOLDERS for p in (ROOT / folder).rglob("__init__.py")}
     assert not folders - listed, f"package folders missing from pyproject.toml packages: {sorted(folders - listed)}"
+
+
+def test_one_batch_token_default() -> None:
+    """The batch-token default is defined once, in a module that imports nothing (the API reads it without
+    loading the engine): the API, the CLI and the engine's embedding pipeline all carry that value."""
+    import scdrugmap_ray.tl as tl
+    from scdrugmap_ray.engine import defaults
+    from scdrugmap_ray.engine.pipeline import embed
+
+    assert tl.DEFAULT_BATCH_TOKENS == embed.DEFAULT_BATCH_TOKENS == defaults.DEFAULT_BATCH_TOKENS
+    source = (ROOT / "engine" / "defaults.py").read_text()
+    assert not [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import | ast.ImportFrom)
+                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]

@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.gene_ids import ensembl_to_symbols, looks_like_ensembl, symbols_to_ensembl
+from ..defaults import DEFAULT_BATCH_TOKENS
 from ..errors import UserError
 from ..models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, get_model
 from ..models.lora_adapter import load_adapter
@@ -54,7 +55,7 @@ class LoadedModel:
     """A registry model in memory: featurizer or foundation model (with LoRA merged), and its head."""
 
     def __init__(self, version_dir: str | Path, device: str = "cpu", dtype: Any = None,
-                 batch_tokens: int = 16_384) -> None:
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
         self.dir = Path(version_dir)
         try:
             self.info: dict[str, Any] = json.loads((self.dir / MODEL_JSON).read_text())

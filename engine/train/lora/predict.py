@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ...data.store import CellStore
+from ...defaults import DEFAULT_BATCH_TOKENS
 from ...models.lora_adapter import load_config_and_head
-from ...pipeline.embed import DEFAULT_BATCH_TOKENS, embed_store
+from ...pipeline.embed import embed_store
 
 
 def predict_finetuned(model_dir: Path, store: CellStore, cell_ids: list[str] | None = None,
