@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
-_USER_ERROR_LINE = re.compile(r"(?:^|\s)(?:[\w.]+\.)?UserError: (.+)$", re.MULTILINE)
 
 
 def init_ray(address: str | None = None, *, log_to_driver: bool = True) -> None:
@@ -56,10 +54,11 @@ def quiet_ray_data() -> None:
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError behind a Ray failure, if there is one: the exception itself or one of its causes (Ray
-    Data raises the original error with ``raise_original_map_exception``, a plain task's RayTaskError holds
-    it as ``cause``); Ray Train keeps a worker's error as text only (its original sits behind a private
-    attribute), so the last ``UserError:`` line of that text is read."""
+    """The UserError behind a Ray failure, if there is one: the exception itself or one of its causes. Ray
+    Data raises the original error (``raise_original_map_exception``); a plain task's RayTaskError holds it
+    as ``cause``; Ray Train's ``WorkerGroupError`` holds each failed worker's original exception in its
+    public ``worker_failures`` (rank -> exception; Ray 2.60 unwraps its traceback wrapper there,
+    ``ray/train/v2/_internal/execution/worker_group/poll.py``, ``WorkerGroupPollStatus.errors``)."""
     todo: list[BaseException | None] = [exc]
     seen: set[int] = set()
     while todo:
@@ -75,9 +74,6 @@ def user_error_in(exc: BaseException) -> UserError | None:
             continue
         if isinstance(e, UserError):
             return e
-        found = _USER_ERROR_LINE.findall(str(e))
-        if found:
-            return UserError(found[-1])
         failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> exception
         todo.extend([e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())])
     return None

@@ -1,5 +1,5 @@
-"""engine.runtime: a UserError raised inside Ray (a plain task, a Ray Data map) reaches the caller as the one-line
-UserError itself, never as Ray's wrapped traceback."""
+"""engine.runtime: a UserError raised inside Ray (a plain task, a Ray Data map, a Ray Train worker) reaches the
+caller as the one-line UserError itself, never as Ray's wrapped traceback."""
 
 from __future__ import annotations
 
@@ -45,6 +45,20 @@ def test_ray_data_user_error_is_one_line(ray_session: None) -> None:
     with pytest.raises(UserError) as caught, user_errors():
         ds.take_all()
     assert str(caught.value) == MESSAGE
+
+
+@pytest.mark.slow
+def test_ray_train_worker_user_error_is_one_line(ray_session: None, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Read from the WorkerGroupError's public ``worker_failures`` (the worker's original exception), not its text."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    refuse = _refusing()
+    trainer = TorchTrainer(lambda config: refuse({}), scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(storage_path=str(tmp_path), name="refuse"))
+    with pytest.raises(UserError) as caught, user_errors():
+        trainer.fit()
+    assert str(caught.value) == MESSAGE and type(caught.value) is UserError
 
 
 def test_other_errors_pass_through(ray_session: None) -> None:
