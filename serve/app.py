@@ -14,11 +14,21 @@ and handed as bytes to a Predictor replica, which parses and validates it (pydan
 model, batches, and encodes the answer (JSON bytes, or NDJSON chunks streamed back through a streaming
 handle). So no request can stall the ingress's event loop, and the CPU work scales with the predictors.
 
+Answer formats (``Accept``): JSON (at most ``max_json_cells`` cells), NDJSON (``application/x-ndjson``: line 1
+everything but the cells, then one line per cell), and for ``/v1/embed`` an Arrow IPC stream
+(``application/vnd.apache.arrow.stream``: columns ``cell_id`` utf8 and ``embedding``
+fixed_size_list<float32>[dim], record batches of ``NDJSON_CHUNK`` (2,000) cells encoded one at a time in
+the predictor, the JSON head in the schema metadata key ``scdrugmap``). Streams are capped by
+``max_cells`` per request (200,000 by default; 413 above), so an Arrow answer holds at most
+``max_cells x (dim x 4 bytes + the ids)``; ``pyarrow.ipc.open_stream`` reads it.
+
 Load: every deployment has bounded ``max_ongoing_requests`` and ``max_queued_requests`` (from the batch
 size); above them a request is answered at once with ``503`` and ``Retry-After`` instead of waiting in a
 queue. Each predictor call has a deadline (``request_timeout_s``) and the proxy has an end-to-end timeout.
-An optional per-API-key token bucket answers ``429``. A predictor replica that dies mid-request costs the
-client nothing: predictions are pure, so the ingress retries them on another replica.
+An optional per-API-key token bucket (per ingress replica) answers ``429``. A predictor replica that
+dies mid-request costs the client nothing: predictions are pure, so the ingress retries them on another
+replica. An ingress replica that dies costs no client an error when Serve runs in HAProxy mode
+(``serve/proxy.py``): HAProxy replays the requests that replica took on the other one.
 
 Drain: ``scdrugmap-ray serve`` on SIGTERM sets a flag (Ray's internal KV) that every ingress replica
 watches: new requests get ``503`` + ``Connection: close``, ``/readyz`` turns 503, and the command waits until
@@ -82,6 +92,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "scdrugmap"
 NDJSON = "application/x-ndjson"
+ARROW = "application/vnd.apache.arrow.stream"  # /v1/embed only: Arrow IPC stream of float32 embeddings
 #: routes that run a model: counted against the ingress's admission limit
 HEAVY_PATHS = ("/v1/predict", "/v1/embed", "/v1/llm/embed-cells")
 KV_NAMESPACE = "scdrugmap_serve"
@@ -364,6 +375,46 @@ def encode_ndjson(ans: Answer, lo: int, hi: int) -> bytes:
     return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in _cell_rows(ans, lo, hi)).encode()
 
 
+#: the end-of-stream marker of the Arrow IPC stream format (continuation token, zero length)
+ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def arrow_schema(ans: Answer) -> Any:
+    """The Arrow answer's schema: ``cell_id`` (utf8) and ``embedding`` (fixed_size_list<float32>[dim]); its
+    metadata key ``scdrugmap`` holds the JSON answer's head (model, version, dim, ...) as JSON."""
+    import pyarrow as pa
+
+    head = _head(ans)
+    return pa.schema([("cell_id", pa.string()), ("embedding", pa.list_(pa.float32(), int(head["dim"])))],
+                     metadata={"scdrugmap": json.dumps(head, separators=(",", ":"))})
+
+
+def encode_arrow_schema(ans: Answer) -> bytes:
+    """The stream's first message (the schema), as the IPC stream format writes it."""
+    return bytes(arrow_schema(ans).serialize().to_pybytes())
+
+
+def encode_arrow_batch(ans: Answer, lo: int, hi: int) -> bytes:
+    """Cells ``lo:hi`` as one IPC record-batch message (the stream is: schema, batches, ``ARROW_EOS``)."""
+    import pyarrow as pa
+
+    assert ans.feats is not None
+    schema = arrow_schema(ans)
+    flat = pa.array(np.ascontiguousarray(ans.feats[lo:hi], dtype=np.float32).reshape(-1), type=pa.float32())
+    emb = pa.FixedSizeListArray.from_arrays(flat, list_size=int(schema.field("embedding").type.list_size))
+    batch = pa.record_batch([pa.array(ans.ids[lo:hi], type=pa.string()), emb], schema=schema)
+    return bytes(batch.serialize().to_pybytes())
+
+
+def answer_format(accept: str, features: bool) -> str:
+    """``json``, ``ndjson`` or ``arrow`` (/v1/embed only) from the request's Accept header."""
+    if ARROW in accept:
+        if not features:
+            raise RequestError(406, f"{ARROW} is offered for /v1/embed; ask /v1/predict for JSON or {NDJSON}")
+        return "arrow"
+    return "ndjson" if NDJSON in accept else "json"
+
+
 # ------------------------------------------------------------------------------- runtime guards
 
 
@@ -580,7 +631,8 @@ class Predictor:
             raise RequestError(413, f"{len(cells.ids)} cells in one request; at most {cfg.max_cells}")
         if not req["stream"] and len(cells.ids) > cfg.max_json_cells:
             raise RequestError(413, f"{len(cells.ids)} cells: a JSON answer holds at most {cfg.max_json_cells}; "
-                                    f"ask for a stream with the header 'Accept: {NDJSON}'")
+                                    f"ask for a stream with the header 'Accept: {NDJSON}'"
+                                    + (f" (or {ARROW})" if req["features"] else ""))
         if not cells.model:
             raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
         ref, _ = resolve(self.registry, cells.model)
@@ -637,7 +689,8 @@ class Predictor:
             return {"status": err.status, "error": err.message}
 
     async def answer_stream(self, req: dict[str, Any]) -> AsyncIterator[Any]:
-        """NDJSON: first the status (a dict), then byte chunks: the head line, then one line per cell."""
+        """A stream: first the status (a dict), then byte chunks. NDJSON: the head line, then one line per
+        cell; Arrow IPC: the schema (the head in its metadata), record batches of NDJSON_CHUNK cells, EOS."""
         late = self._waited_too_long(req)
         if late:
             yield {"status": late.status, "error": late.message}
@@ -648,6 +701,12 @@ class Predictor:
             yield {"status": err.status, "error": err.message}
             return
         yield {"status": 200}
+        if req.get("format") == "arrow":
+            yield await asyncio.to_thread(encode_arrow_schema, ans)
+            for lo, hi in ndjson_chunks(ans):
+                yield await asyncio.to_thread(encode_arrow_batch, ans, lo, hi)
+            yield ARROW_EOS
+            return
         yield (json.dumps(_head(ans), separators=(",", ":")) + "\n").encode()
         for lo, hi in ndjson_chunks(ans):
             yield await asyncio.to_thread(encode_ndjson, ans, lo, hi)
@@ -726,10 +785,12 @@ class Ingress:
 
     async def _request(self, request: Request, features: bool) -> dict[str, Any]:
         """What the predictor needs: the raw JSON body, or the upload's bytes and form fields."""
-        stream = NDJSON in request.headers.get("accept", "")
+        fmt = answer_format(request.headers.get("accept", ""), features)
+        stream = fmt != "json"
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
-            return {"kind": "json", "body": await request.body(), "features": features, "stream": stream}
+            return {"kind": "json", "body": await request.body(), "features": features, "stream": stream,
+                    "format": fmt}
         if ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=1, max_fields=8)
             upload = form.get("file")
@@ -740,7 +801,7 @@ class Ingress:
                 raise RequestError(422, "field 'model' is required: a registry model NAME or NAME@VERSION")
             return {"kind": "h5ad", "data": await upload.read(), "filename": upload.filename or "upload",
                     "model": model, "embedding_2d": _bool_field(form.get("embedding_2d"), "embedding_2d"),
-                    "features": features, "stream": stream}
+                    "features": features, "stream": stream, "format": fmt}
         raise RequestError(415, "send multipart/form-data (fields model, file) or application/json cells")
 
     async def _serve(self, request: Request, features: bool) -> Response:
@@ -756,7 +817,7 @@ class Ingress:
             async for chunk in gen:
                 yield chunk
 
-        return StreamingResponse(rest(), media_type=NDJSON)
+        return StreamingResponse(rest(), media_type=ARROW if req["format"] == "arrow" else NDJSON)
 
     async def readyz(self) -> dict[str, Any]:
         """Ready to serve: not draining, every deployment of the app HEALTHY, the default model loadable."""
@@ -906,6 +967,14 @@ def build_app(cfg: ServeConfig) -> Any:
         200: {"content": {"application/json": {}, NDJSON: {}}, "description": "JSON, or NDJSON when asked"},
         503: {"description": "at capacity or shutting down: retry after Retry-After seconds"},
         429: {"description": "rate limit of the API key reached (Retry-After)"}}
+    embed_doc: dict[int | str, dict[str, Any]] = {
+        **answers_doc,
+        200: {"content": {"application/json": {}, NDJSON: {}, ARROW: {}},
+              "description": f"JSON; NDJSON when asked; or with 'Accept: {ARROW}' an Arrow IPC stream: columns "
+                             "cell_id (utf8) and embedding (fixed_size_list<float32>[dim]) in record batches of "
+                             f"{NDJSON_CHUNK:,} cells, the head (model, version, dim, ...) as JSON in the schema "
+                             f"metadata key 'scdrugmap'; at most max_cells ({cfg.max_cells:,}) cells per request"},
+        406: {"description": f"{ARROW} asked of /v1/predict (offered for /v1/embed)"}}
 
     keyed = [Depends(check_key)]
     route = api.add_api_route  # in this order: the class's routes after the explorer's
@@ -914,7 +983,7 @@ def build_app(cfg: ServeConfig) -> Any:
     route("/v1/predict", Ingress.predict, methods=["POST"], dependencies=keyed, openapi_extra=body_doc,
           response_class=Response, responses=answers_doc)
     route("/v1/embed", Ingress.embed, methods=["POST"], dependencies=keyed, openapi_extra=body_doc,
-          response_class=Response, responses=answers_doc)
+          response_class=Response, responses=embed_doc)
     route("/v1/llm/embed-cells", Ingress.embed_cells, methods=["POST"], dependencies=keyed)
     route("/", Ingress.page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     route("/docs", Ingress.docs, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)

@@ -192,6 +192,49 @@ def test_large_answers_stream_as_ndjson(client: httpx.Client, app: dict[str, Any
     assert sum(c["label"] == "sensitive" for c in lines[1:]) == lines[0]["summary"]["n_sensitive"]
 
 
+def test_embeddings_as_arrow_ipc_stream(client: httpx.Client, app: dict[str, Any]) -> None:
+    """/v1/embed with Accept: Arrow IPC stream: pyarrow reads it (several record batches, float32 fixed-size
+    lists), and its numbers are the JSON and NDJSON answers' numbers."""
+    import json
+
+    import pyarrow as pa
+    from scdrugmap_ray.serve.app import ARROW, NDJSON_CHUNK
+
+    store = app["store"]
+    genes = store.genes["symbol"].astype(str).tolist()
+    x = store.read_csr()
+    n = 2 * NDJSON_CHUNK + 500  # three record batches; above the JSON cap (1000)
+    cells = [{"cell_id": f"c{i}", "expression": {genes[j]: float(v) for j, v in
+                                                 list(zip(x[i % 300].indices, x[i % 300].data, strict=True))[:20]}}
+             for i in range(n)]
+    body = {"model": "pca-sim", "cells": cells}
+    with client.stream("POST", "/v1/embed", headers={**H, "Accept": ARROW}, json=body) as r:
+        assert r.status_code == 200, r.read()[:300]
+        assert r.headers["content-type"] == ARROW
+        raw = r.read()
+    reader = pa.ipc.open_stream(raw)
+    batches = list(reader)
+    assert [b.num_rows for b in batches] == [NDJSON_CHUNK, NDJSON_CHUNK, 500]
+    table = pa.Table.from_batches(batches)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 8)
+    head = json.loads(reader.schema.metadata[b"scdrugmap"])
+    assert head["model"] == "pca-sim" and head["dim"] == 8 and head["genes_known_to_model"] > 0
+    ids = table.column("cell_id").to_pylist()
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert ids == [f"c{i}" for i in range(n)] and emb.shape == (n, 8) and emb.dtype == np.float32
+    with client.stream("POST", "/v1/embed", headers={**H, "Accept": "application/x-ndjson"}, json=body) as r:
+        rows = [json.loads(line) for line in r.iter_lines() if line][1:]
+    np.testing.assert_allclose(emb, np.array([c["embedding"] for c in rows]), rtol=1e-6, atol=1e-6)
+    small = client.post("/v1/embed", headers=H, json={"model": "pca-sim", "cells": cells[:300]})
+    assert small.status_code == 200, small.text[:300]
+    np.testing.assert_allclose(emb[:300], np.array([c["embedding"] for c in small.json()["cells"]]),
+                               rtol=1e-6, atol=1e-6)
+    assert np.ptp(emb[:300], axis=0).min() > 0  # real, varying embeddings, not a constant
+    # Arrow is offered for embeddings only: /v1/predict says so (one-line JSON 406)
+    r = client.post("/v1/predict", headers={**H, "Accept": ARROW}, json={"model": "pca-sim", "cells": cells[:3]})
+    assert r.status_code == 406 and "/v1/embed" in r.json()["detail"]
+
+
 def test_unknown_genes_named_unless_ignored(client: httpx.Client, app: dict[str, Any]) -> None:
     gene = app["store"].genes["symbol"].iloc[0]
     cells = [{"cell_id": "a", "expression": {gene: 5, "NOT_A_GENE": 2}}]
