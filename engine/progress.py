@@ -22,7 +22,8 @@ def cells_progress(enabled: bool) -> Any:
     return progress_bar(enabled, rate=True)
 
 
-def rate_text(done: int, since: float, unit: str = "cells") -> str:
-    """``"1,234 cells/s"`` for ``done`` items since ``since`` (a ``time.perf_counter()``)."""
+def rate_text(done: int, since: float, unit: str = "cells", digits: int = 0) -> str:
+    """``"1,234 cells/s"`` for ``done`` items since ``since`` (a ``time.perf_counter()``); ``digits`` after the
+    point for slow items (``"0.42 steps/s"``)."""
     elapsed = time.perf_counter() - since
-    return f"{done / elapsed:,.0f} {unit}/s" if elapsed > 0 else ""
+    return f"{done / elapsed:,.{digits}f} {unit}/s" if elapsed > 0 else ""

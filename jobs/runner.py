@@ -153,9 +153,10 @@ def lora_settings(spec: BenchmarkSpec, m: Any, head: str, seed: int) -> Any:
 
 def _run_lora_fold(
     unit: Unit, fold: Fold, store: CellStore, obs: pd.DataFrame, spec: BenchmarkSpec, run_dir: Path,
-    random_weights: bool,
+    random_weights: bool, progress: bool = False,
 ) -> None:
-    """Fine-tune on the fold's training cells (validation picks the epoch), predict its test cells."""
+    """Fine-tune on the fold's training cells (validation picks the epoch), predict its test cells;
+    ``progress``: a bar of the training steps (below the run's fold bar)."""
     import time
 
     from scdrugmap_ray.engine.train.lora import LabelledCells, finetune, predict_finetuned, remove_training_state
@@ -168,7 +169,7 @@ def _run_lora_fold(
     res = finetune(
         fm, store,  # type: ignore[arg-type]
         LabelledCells(fold.train, labels[fold.train]), LabelledCells(fold.val, labels[fold.val]),
-        out_dir, settings,
+        out_dir, settings, progress=progress,
     )
     t1 = time.perf_counter()
     p, _ = predict_finetuned(res.model_dir, store, rows=fold.test, batch_tokens=settings.batch_tokens)
@@ -302,7 +303,7 @@ def run_benchmark(
         for unit, fold in lora_todo:
             store = stores[unit.data]
             _run_lora_fold(unit, fold, store, obs_by_data[unit.data], spec, run_dir,
-                           models[model_key(unit.model)].random_weights)
+                           models[model_key(unit.model)].random_weights, progress=progress)
             bar.advance(task)
         # Prompted folds run from the driver too: one chat backend per model (a vLLM engine in its own Ray
         # actor, or an HTTP client with its own concurrency), shared by that model's folds.

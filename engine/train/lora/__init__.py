@@ -36,6 +36,8 @@ from .recipe import (
     FinetuneResult,
     LabelledCells,
     LoraSettings,
+    StepBar,
+    StepCounter,
     add_lora,
     class_weights,
     contributing_linear_modules,
@@ -52,7 +54,8 @@ from .recipe import (
 
 __all__ = [
     "ADAPTER_DIR", "CONFIG", "GENES", "HEAD_CONFIG", "HEAD_WEIGHTS", "LORA_KEYS", "METRICS", "MODEL_DIR",
-    "FinetuneResult", "LabelledCells", "LoraSettings", "add_lora", "build_head", "class_weights",
+    "FinetuneResult", "LabelledCells", "LoraSettings", "StepBar", "StepCounter", "add_lora", "build_head",
+    "class_weights",
     "contributing_linear_modules", "enable_gradient_checkpointing", "finetune", "labelled_dataset",
     "linear_module_names", "load_adapter", "load_config_and_head", "load_finetuned", "make_classifier",
     "predict_finetuned", "probe_cell", "remove_training_state", "resolve_scaling", "resolve_targets",

@@ -16,6 +16,10 @@ Saved model (``<out>/model``): the adapter in PEFT's format (``adapter/adapter_c
 ``adapter/adapter_model.safetensors``), ``head.safetensors`` + ``head.json``, ``config.json`` (model
 name, options, checkpoint digest, LoRA and training settings), ``genes.parquet`` (the training store's
 genes) and ``metrics.json``: everything ``load_finetuned`` needs, without the training state.
+
+Progress: the workers' ``ray.train.report`` goes to Ray Train's controller, not the driver, so the driver's
+bar (optimizer steps done of all, steps/s, loss) is fed by a small actor (``StepCounter``) that rank 0 tells
+of each step, fire-and-forget, and the driver polls.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +45,7 @@ from ...fsutil import atomic_dir, write_json
 from ...models.base import FoundationModel, get_model
 from ...models.lora_adapter import CONFIG, GENES, HEAD_WEIGHTS, METRICS, MODEL_DIR, build_head, save_weights
 from ...pipeline.embed import SharedArray, member_mask, token_budget_batches, tokenize_rows
+from ...progress import progress_bar, rate_text
 from ...runtime import init_ray, quiet_ray_data, user_errors
 
 if TYPE_CHECKING:
@@ -414,6 +420,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed: list[int] = []  # epochs at which a killed run was resumed
     history: list[dict[str, Any]] = []
     bad_epochs = 0
+    steps = 0  # optimizer steps done, over all epochs (resumed ones too)
+    counter = config.get("progress") if rank == 0 else None  # the driver's StepCounter, or None (no bar)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -429,7 +437,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             start_epoch, bad_epochs, history = saved["epoch"] + 1, saved["bad_epochs"], saved["history"]
             resumed = [*saved.get("resumed_at", []), start_epoch]
+            steps = int(saved.get("steps", saved["epoch"] * config.get("steps_per_epoch", 0)))
         log.info("resuming LoRA training at epoch %d", start_epoch)
+    if counter is not None:
+        counter.start.remote(steps, start_epoch)
 
     fields = config["fields"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -453,7 +464,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, settings.epochs + 1):
         train_mode()
-        t0, n_cells, n_tokens = time.perf_counter(), 0, 0
+        t0, n_cells, n_tokens, epoch_steps = time.perf_counter(), 0, 0, 0
         train_loss_sum, train_w_sum = 0.0, 0.0
         for batch in train_shard.iter_batches(batch_size=per_worker, batch_format="numpy",
                                               local_shuffle_buffer_size=max(per_worker * 4,
@@ -476,6 +487,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_w_sum += float(class_w[y].sum())
             n_cells += len(y)
             n_tokens += int(batch["n_tokens"].sum())
+            epoch_steps += 1
+            if counter is not None:  # fire-and-forget: the step never waits on the bar
+                counter.add.remote(1, train_loss_sum / train_w_sum if train_w_sum else math.nan, epoch)
+        steps += epoch_steps
         train_seconds = time.perf_counter() - t0
 
         classifier.eval()
@@ -509,6 +524,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         stop = use_val and bad_epochs >= settings.patience
+        if counter is not None:  # the steps still to come, as this epoch counted them (none after a stop)
+            counter.set_total.remote(steps + (0 if stop else (settings.epochs - epoch) * epoch_steps))
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -520,7 +537,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 write_json(d / "state.json", {
                     "epoch": epoch, "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                     "bad_epochs": bad_epochs, "history": history, "head": head_meta, "stopped_early": stop,
-                    "resumed_at": resumed,
+                    "resumed_at": resumed, "steps": steps,
                 })
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -537,6 +554,95 @@ def _write_state(directory: Path, state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
+
+
+class StepCounter:
+    """Optimizer steps done (of how many), the running training loss and the epoch, as rank 0 of the
+    training loop tells them; run as a Ray actor (no CPU of its own) that the driver polls for its bar."""
+
+    def __init__(self, total: int) -> None:
+        self.done, self.total, self.first = 0, total, 0
+        self.loss, self.epoch = math.nan, 0
+
+    def start(self, done: int, epoch: int) -> None:
+        """Training (re)starts with ``done`` steps behind it (a resumed run's finished epochs)."""
+        self.done = self.first = done
+        self.epoch = epoch
+
+    def add(self, steps: int, loss: float, epoch: int) -> None:
+        self.done += steps
+        self.loss, self.epoch = loss, epoch
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def read(self) -> dict[str, float]:
+        return {"done": self.done, "total": self.total, "first": self.first, "loss": self.loss,
+                "epoch": self.epoch}
+
+
+class StepBar:
+    """The driver's bar of training steps (steps done of all, steps/s, running loss, epoch). Entering it
+    starts a ``StepCounter`` actor and returns its handle, for the training loop's config (``None`` when not
+    ``enabled``: no actor, no bar); a thread redraws the bar from the actor every ``poll_s`` seconds, and
+    leaving reads it once more, so the bar ends where training did (``done`` / ``total``: as last drawn)."""
+
+    def __init__(self, enabled: bool, description: str, total: int, epochs: int, poll_s: float = 0.5) -> None:
+        self.enabled, self.description, self.epochs, self.poll_s = enabled, description, epochs, poll_s
+        self.done, self.total = 0, total
+        self._stop = threading.Event()
+        self._counter: Any = None
+        self._bar: Any = None
+        self._task: Any = None
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        import ray
+
+        self._counter = ray.remote(num_cpus=0)(StepCounter).remote(self.total)
+        self._t0 = time.perf_counter()
+        self._bar = progress_bar(True, rate=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=self.total, rate="")
+        self._thread = threading.Thread(target=self._poll, name="lora-progress", daemon=True)
+        self._thread.start()
+        return self._counter
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        import ray
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self._draw(ray.get(self._counter.read.remote(), timeout=10))
+        except Exception as err:  # training's own outcome (its result or its error) is what counts
+            log.debug("training progress not read: %s", err)
+        finally:
+            self._bar.stop()
+            ray.kill(self._counter)
+
+    def _poll(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._draw(ray.get(self._counter.read.remote(), timeout=10))
+            except Exception as err:  # a slow or lost read only delays the bar, never the training
+                log.debug("training progress not read: %s", err)
+
+    def _draw(self, state: dict[str, float]) -> None:
+        done, first = int(state["done"]), int(state["first"])
+        self.done, self.total = done, max(int(state["total"]), done)
+        parts = [rate_text(done - first, self._t0, unit="steps", digits=2) if done > first else "",
+                 f"loss {state['loss']:.4f}" if not math.isnan(state["loss"]) else "",
+                 f"epoch {int(state['epoch'])}/{self.epochs}" if state["epoch"] else ""]
+        self._bar.update(self._task, completed=done, total=self.total, rate="  ".join(p for p in parts if p))
 
 
 @dataclass
@@ -574,10 +680,11 @@ def finetune(
     val: LabelledCells | Mapping[str, int],
     out_dir: Path,
     settings: LoraSettings,
+    progress: bool = False,
 ) -> FinetuneResult:
     """Train LoRA + head on the given cells (store rows + labels, or a cell_id -> label mapping); write the
     model under ``out_dir/model``. Re-running with the same ``out_dir`` resumes from the last checkpoint
-    (or returns the finished model)."""
+    (or returns the finished model). ``progress``: a bar of optimizer steps on this terminal (``StepBar``)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -624,26 +731,34 @@ def finetune(
         with user_errors():
             train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "settings": asdict(settings),
-            "model_name": fm.name,
-            "model_options": fm.options,
-            "probe": probe,
-            "fields": fields,
-            "class_weights": weights,
-            "use_val": use_val,
-        },
-        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=bool(settings.use_gpu),
-                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(out_dir / "ray"), name="train",
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split="all"),
-    )
-    with user_errors():
-        result = trainer.fit()
+    # each worker's shard holds len // workers cells (Ray Train splits equally), cut into batches of its share
+    steps_per_epoch = math.ceil((len(train_cells) // settings.workers) / (settings.batch_cells // settings.workers))
+    bar = StepBar(progress, f"finetune {fm.name}", settings.epochs * steps_per_epoch, settings.epochs)
+    with bar as counter:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "settings": asdict(settings),
+                "model_name": fm.name,
+                "model_options": fm.options,
+                "probe": probe,
+                "fields": fields,
+                "class_weights": weights,
+                "use_val": use_val,
+                "steps_per_epoch": steps_per_epoch,
+                "progress": counter,  # an ActorHandle (it pickles), or None
+            },
+            scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=bool(settings.use_gpu),
+                                         resources_per_worker={"CPU": settings.cpus_per_worker}),
+            run_config=RunConfig(storage_path=str(out_dir / "ray"), name="train",
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets={"train": train_ds, "val": val_ds},
+            dataset_config=DataConfig(datasets_to_split="all"),
+        )
+        with user_errors():
+            result = trainer.fit()
+    if progress:
+        log.info("LoRA training: %d of %d optimizer steps", bar.done, bar.total)
     if result.checkpoint is None:
         raise RuntimeError("LoRA training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
