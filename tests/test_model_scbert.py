@@ -81,6 +81,22 @@ def test_vendored_gene_order_is_the_asset(shared_dir: Path) -> None:
     assert len(load_gene_order()) == N_GENES
 
 
+#: SHA-256 of the 16,906 symbols joined by newlines, as published by an independent script that checks "the
+#: scBERT panglao gene list" before it writes them as the ``var_names`` of a ``panglao_human.h5ad``; its
+#: docstring says the list is that file's ``var_names`` in the same order, and the same as Hugging Face
+#: ``kaichenxu/cape_scbert``'s ``vocab.json``. Our list comes from nano-scBERT: two independent copies agree.
+PANGLAO_ORDER_SHA256 = "4c09ba1912e184682fe5e7f32e2b443bdfb7883d0d0191551b38c6c2f155600f"
+
+
+def test_gene_order_is_the_published_panglao_order() -> None:
+    """The order scBERT's gene2vec rows follow, checked by digest: the real ``panglao_human.h5ad`` (11 GB) cannot
+    be downloaded here, but the digest of its gene axis is public (above). One symbol moved, renamed or dropped
+    changes it."""
+    import hashlib
+
+    assert hashlib.sha256("\n".join(load_gene_order()).encode()).hexdigest() == PANGLAO_ORDER_SHA256
+
+
 def test_tokenizer_real_cell_hand_checked(pc9: dict, real_tokens: dict) -> None:
     order = load_gene_order()
     ids = real_tokens["out"]["input_ids"][0]
