@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--max-queue-wait", type=float, default=0.5)
     ap.add_argument("--model", default="pca-logreg")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--proxy", choices=("haproxy", "default"), default="haproxy",
+                    help="HAProxy in front of the ingress replicas (serve/proxy.py), or Ray's Python proxy")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -86,6 +88,10 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="scdrugmap-loadtest-"))
     _, registry = demo_registry(work, 6000, 1000, args.model)
     # its own local Ray, never a cluster that happens to run on this machine
+    if args.proxy == "haproxy":
+        from scdrugmap_ray.serve.proxy import use_haproxy
+
+        use_haproxy()  # before Ray starts: its processes read it
     init_ray("local", log_to_driver=False)
     port = _free_port()
     cfg = ServeConfig(registry=str(registry), min_replicas=args.replicas, max_replicas=args.replicas,

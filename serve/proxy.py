@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        # HAProxy's backup server is Serve's fallback proxy on a FIXED port (8500): a second Serve on the
+        # machine cannot bind it and its HAProxy then sends requests to the first one's app (seen in testing)
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
     }
 
 
@@ -75,6 +80,36 @@ def use_haproxy(**options: int) -> dict[str, str]:
     log.info("Ray Serve in HAProxy mode: retry-on %r, %s retries", env["RAY_SERVE_HAPROXY_RETRY_ON"],
              env["RAY_SERVE_HAPROXY_RETRIES"])
     return env
+
+
+def stop_haproxy(env: dict[str, str] | None = None) -> list[int]:
+    """Stop the HAProxy processes left behind by a Serve that ran with ``env`` (default: this process's
+    environment), found by their config file under its run directory; returns their pids. Ray 2.60 can leave
+    one running after ``serve.shutdown()`` (a reload racing the stop) and always does when Ray is shut down
+    without it: a process still holding the port. Call after Ray is down."""
+    import signal
+
+    cfg = (env or os.environ).get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    if not cfg:
+        return []
+    run_dir = os.path.dirname(cfg) + "/"
+    stopped = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"/haproxy") and any(a.startswith(run_dir.encode()) for a in args):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped.append(int(proc.name))
+            except OSError:
+                pass
+    if stopped:
+        log.info("stopped HAProxy left running: pids %s", stopped)
+    return stopped
 
 
 def haproxy_enabled() -> bool:

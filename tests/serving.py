@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scdrugmap_ray.serve.proxy import haproxy_enabled, use_haproxy
+from scdrugmap_ray.serve.proxy import haproxy_enabled, stop_haproxy, use_haproxy
 
 API_KEY = "test-key-123"
 MAX_UPLOAD = 3_000_000
@@ -22,6 +23,8 @@ _STATE: dict[str, Any] = {}
 # SCDRUGMAP_TEST_PROXY=default runs them against Ray's default Python proxy instead.
 if os.environ.get("SCDRUGMAP_TEST_PROXY", "haproxy") == "haproxy":
     use_haproxy()
+    # the session's Ray is shut down without serve.shutdown(): its HAProxy would keep running (serve/proxy.py)
+    atexit.register(stop_haproxy)
 HAPROXY = haproxy_enabled()
 
 
