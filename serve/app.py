@@ -25,7 +25,9 @@ the predictor, the JSON head in the schema metadata key ``scdrugmap``). Streams 
 Load: every deployment has bounded ``max_ongoing_requests`` and ``max_queued_requests`` (from the batch
 size); above them a request is answered at once with ``503`` and ``Retry-After`` instead of waiting in a
 queue. Each predictor call has a deadline (``request_timeout_s``) and the proxy has an end-to-end timeout.
-An optional per-API-key token bucket (per ingress replica) answers ``429``. A predictor replica that
+An optional per-API-key token bucket answers ``429``: one bucket per key for all ingress replicas together,
+held by a small named Ray actor (one call per request); if that actor does not answer within 0.5 s the limit
+fails open to each replica's share (``rate / ingress_replicas``) until it does. A predictor replica that
 dies mid-request costs the client nothing: predictions are pure, so the ingress retries them on another
 replica. An ingress replica that dies costs no client an error when Serve runs in HAProxy mode
 (``serve/proxy.py``): HAProxy replays the requests that replica took on the other one.
@@ -122,7 +124,7 @@ class ServeConfig:
     max_queued_requests: int = 0  # per caller of the predictor; 0: max_batch_size (waits are capped by time too)
     request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
     max_queue_wait_s: float = 0.5  # a request that waited longer for a predictor is shed (503) unparsed
-    rate_limit: float = 0.0  # requests/s per API key (token bucket, per ingress replica); 0: off
+    rate_limit: float = 0.0  # requests/s per API key, across all ingress replicas (SharedRateLimit); 0: off
     rate_burst: int = 0  # bucket size; 0: 2 x rate_limit (at least 1)
     default_model: str | None = None  # /readyz loads it; None: the registry's first name
     drain_grace_s: float = 30.0
@@ -503,6 +505,69 @@ class TokenBucket:
         if len(self._buckets) > 100_000:  # forget idle keys (bounded memory)
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
         return (1.0 - tokens) / self.rate
+
+
+class _BucketActor:
+    """A named async Ray actor holding the token buckets of every ingress replica of one app, so the rate
+    limit is per API key across replicas (each replica's own bucket would let N replicas admit N x the rate)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.bucket = TokenBucket(rate, burst)
+
+    async def take(self, key: str) -> float:
+        return self.bucket.take(key)
+
+
+class SharedRateLimit:
+    """The per-API-key rate limit of all ingress replicas together: one ``take`` call per request to the
+    app's bucket actor (created by the first replica that needs it; it lives as long as that replica and is
+    created again after). Until the actor answers (its start takes a second or two), or when a call takes
+    longer than ``timeout_s``, or while it is gone, the limit fails OPEN to this replica's share
+    (``rate / replicas``, a local bucket): a limiter outage must not become a service outage, and the share
+    keeps the total near the limit when the replicas share the load evenly."""
+
+    def __init__(self, rate: float, burst: int, replicas: int, timeout_s: float = 0.5) -> None:
+        self.rate, self.burst, self.timeout_s = rate, burst, timeout_s
+        self.local = TokenBucket(rate / max(replicas, 1), max(1, burst // max(replicas, 1)))
+        self._actor: Any = None  # kept while alive: a named actor with no handle left is collected
+        self._ready = False
+        self._retry_at = 0.0
+        self._starting: Any = None  # the task starting the actor (a reference keeps it from being collected)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into every replica: without a handle
+        return {**self.__dict__, "_actor": None, "_ready": False, "_retry_at": 0.0, "_starting": None}
+
+    def _connect(self, app: str) -> Any:
+        import ray
+
+        return ray.remote(_BucketActor).options(  # type: ignore[attr-defined]
+            name=f"ratelimit:{app}:{self.rate:g}:{self.burst}", namespace=KV_NAMESPACE, get_if_exists=True,
+            num_cpus=0, max_restarts=0).remote(self.rate, self.burst)
+
+    async def _start(self) -> None:
+        try:
+            actor = await asyncio.to_thread(self._connect, serve.get_replica_context().app_name)
+            self._actor = actor
+            await asyncio.wait_for(actor.take.remote(""), timeout=60)  # started (the key '' is no one's)
+            self._ready = True
+        except Exception as err:  # Ray unreachable, the actor failed to start: the local share meanwhile
+            log.warning("rate-limit actor unavailable (%s); this replica limits alone", type(err).__name__)
+            self._actor, self._retry_at = None, time.monotonic() + 1.0
+
+    async def take(self, key: str) -> float:
+        if self._actor is None and time.monotonic() >= self._retry_at:
+            self._retry_at = math.inf  # one start at a time
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        if self._ready:
+            try:
+                return float(await asyncio.wait_for(self._actor.take.remote(key), timeout=self.timeout_s))
+            except TimeoutError:
+                log.warning("rate-limit actor slow (> %g s); this request counted by this replica", self.timeout_s)
+            except (RayActorError, ActorUnavailableError) as err:
+                log.warning("rate-limit actor gone (%s); this replica limits alone until it is back",
+                            type(err).__name__)
+                self._actor, self._ready, self._retry_at = None, False, time.monotonic() + 1.0
+        return self.local.take(key)
 
 
 def _drain_key(app: str) -> str:
@@ -929,7 +994,8 @@ def build_app(cfg: ServeConfig) -> Any:
     )
     api.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)  # type: ignore[arg-type]
     api.add_middleware(Guard, admit=cfg.ingress_admit)  # type: ignore[arg-type]  # added last: outermost
-    bucket = TokenBucket(cfg.rate_limit, cfg.rate_burst or max(1, int(2 * cfg.rate_limit))) if cfg.rate_limit else None
+    bucket = (SharedRateLimit(cfg.rate_limit, cfg.rate_burst or max(1, int(2 * cfg.rate_limit)), cfg.ingress_replicas)
+              if cfg.rate_limit else None)
 
     async def check_key(request: Request, x_api_key: Annotated[str | None, Security(KEY_HEADER)] = None,
                         auth: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
@@ -939,7 +1005,7 @@ def build_app(cfg: ServeConfig) -> Any:
         if bucket is not None:
             who = hashlib.sha256(given.encode()).hexdigest() if given else (request.client.host if request.client
                                                                             else "?")
-            wait = bucket.take(who)
+            wait = await bucket.take(who)
             if wait:
                 raise RequestError(429, f"rate limit of {cfg.rate_limit:g} requests/s for this API key reached; "
                                         f"retry after {wait:.1f} s", retry_after=wait)

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import API_KEY, free_port, served
+from serving import API_KEY, HAPROXY, free_port, served
 
 pytestmark = pytest.mark.slow
 H = {"X-API-Key": API_KEY}
@@ -41,7 +41,7 @@ def _running(deployment: str) -> int:
     return int(d.replica_states.get("RUNNING", 0))
 
 
-def _kill_under_load(app: dict[str, Any], deployment: str) -> tuple[Any, float]:
+def _kill_under_load(app: dict[str, Any], deployment: str, shed_ok: bool = False) -> tuple[Any, float]:
     """Bounded load (4 clients, 160 requests of 20 cells); one ``deployment`` replica killed 2 s in. Returns
     the load result and the seconds until the app was back at full strength (a new replica RUNNING, /readyz
     200). The service itself stays up meanwhile: the load's answers show it."""
@@ -52,7 +52,8 @@ def _kill_under_load(app: dict[str, Any], deployment: str) -> tuple[Any, float]:
     bodies = request_bodies(app["h5ad"], "pca-sim", 160, 20)
     out: dict[str, Any] = {}
     load = threading.Thread(target=lambda: out.update(res=drive(
-        app["url"], "/v1/predict", bodies, _predicted_cells, clients=4, timeout_s=120, headers=H)))
+        app["url"], "/v1/predict", bodies, _predicted_cells, clients=4, timeout_s=120, headers=H,
+        shed_ok=shed_ok)))
     before = _replicas(deployment)
     assert len(before) == 2, before
     load.start()
@@ -61,7 +62,11 @@ def _kill_under_load(app: dict[str, Any], deployment: str) -> tuple[Any, float]:
     killed = time.monotonic()
     load.join(timeout=180)
     deadline = killed + 90
-    while not (_running(deployment) == 2 and httpx.get(app["url"] + "/readyz", timeout=10).status_code == 200):
+    # back: the killed replica is gone from the list, its replacement is RUNNING (right after the kill the
+    # controller may not have noticed yet and still counts two RUNNING), and the app is ready
+    while not (before[0] not in _replicas(deployment) and len(_replicas(deployment)) == 2
+               and _running(deployment) == 2
+               and httpx.get(app["url"] + "/readyz", timeout=10).status_code == 200):
         assert time.monotonic() < deadline, f"{deployment} not back within 90 s"
         time.sleep(0.25)
     return out["res"], time.monotonic() - killed
@@ -77,16 +82,25 @@ def test_predictor_replica_killed_under_load_costs_no_client_an_error(app: dict[
     assert back_s < 60, f"predictor back after {back_s:.1f} s"
 
 
-def test_ingress_replica_killed_under_load_leaves_the_service_up(app: dict[str, Any]) -> None:
-    res, back_s = _kill_under_load(app, "Ingress")
-    # Ray's proxy does not retry a request whose ingress replica died after taking it: at most the requests
-    # in flight on it at that moment (4 clients) fail; every other request, before and after, is a 200
-    # (the proxy answers those 500, or 408 when it gave up waiting on the dead replica; measured runs also
-    # saw two 503s around the kill while the survivor took all the load): NOT the issue's "zero 5xx"
-    lost = sum(n for code, n in res.statuses.items() if code != 200)
-    assert set(res.statuses) <= {200, 500, 408, 503} and lost <= 4, (res.line(), res.statuses)
-    assert res.ok == 160 - lost and res.missing == 0, (res.line(), res.statuses)
-    print(f"ingress replica replaced after {back_s:.1f} s")
+def test_ingress_replica_killed_under_load_costs_no_client_an_error(app: dict[str, Any]) -> None:
+    res, back_s = _kill_under_load(app, "Ingress", shed_ok=True)
+    print(f"ingress replica killed: {res.line()} {res.statuses}; replaced after {back_s:.1f} s")
+    if HAPROXY:
+        # HAProxy replays the requests the dead replica took on the other one (serve/proxy.py): no request
+        # fails (no 500/502/504/408, no reset). What remains is the server's own load shedding: on this 2-core
+        # machine the replacement replica's start starves the predictors ("Failed to get queue length ...
+        # within 0.1s") and a request that waited longer than max_queue_wait_s (2 s here) is answered 503 +
+        # Retry-After before any work. Measured: 1-4 sheds of 160 in five runs. NOT the issue's "zero
+        # 5xx": zero failures, a few sheds
+        assert res.errors == 0 and res.missing == 0 and res.ok + res.shed == 160, (res.line(), res.statuses)
+        assert set(res.statuses) <= {200, 503} and res.retry_after_missing == 0, res.statuses
+        assert res.shed <= 8, (res.line(), res.statuses)
+    else:
+        # Ray's default proxy does not retry a request whose ingress replica died after taking it: at most the
+        # requests in flight on it at that moment (4 clients) fail (500, or 408 when the proxy gave up waiting)
+        lost = sum(n for code, n in res.statuses.items() if code != 200)
+        assert set(res.statuses) <= {200, 500, 408, 503} and lost <= 4, (res.line(), res.statuses)
+        assert res.ok == 160 - lost and res.missing == 0, (res.line(), res.statuses)
     assert back_s < 60, f"ingress back after {back_s:.1f} s"
     from scdrugmap_ray.serve.bench import load_test
 
@@ -112,9 +126,10 @@ def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
     assert set(res.statuses) <= {200, 503, 429} and res.errors == 0 and res.missing == 0, info
     assert res.shed > 0 and res.retry_after_missing == 0, info
     # NOT asserted: the issue's latency goals (every answer within 2 s, accepted p99 under 2x the unloaded
-    # p99) and goodput at capacity. On this shared 2-core machine Ray's HTTP proxy and the load generator
-    # themselves saturate at 4x (each ~0.8 MB body is read before any replica can shed it) and goodput falls
-    # to 0.4-0.7x capacity, with answers taking 10-40 s; the figures are printed above.
+    # p99) and goodput at capacity. On this shared 2-core machine Ray's Python proxy and the load generator
+    # themselves saturated at 4x (each ~0.8 MB body is read before any replica can shed it): goodput 0.4-0.7x
+    # capacity, answers taking 10-40 s. Behind HAProxy (serve/proxy.py), measured in three runs: goodput
+    # 0.7-1.4x capacity, accepted p99 2.1-2.5 s, slowest answer 2.9-3.4 s; the figures are printed above.
     assert max(res.latencies + res.shed_latencies) < 60.0, info
     time.sleep(5)
     rss1 = server_rss()
@@ -136,9 +151,40 @@ def _post(client: httpx.Client, body: dict[str, Any], log: list[tuple[str, float
         log.append((f"dropped {type(err).__name__}", t0))
 
 
+def _spread_requests(url: str, seconds: float) -> tuple[list[int], float]:
+    """Keyed GETs of /v1/models from 4 threads for ``seconds``, each on a new connection (so the proxy spreads
+    them over the ingress replicas): the status codes and the seconds they took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    end = time.monotonic() + seconds
+
+    def worker(_: int) -> list[int]:
+        codes = []
+        while time.monotonic() < end:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                r = c.get("/v1/models", headers=H)
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"], r.text
+        return codes
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        out = [code for codes in pool.map(worker, range(4)) for code in codes]
+    return out, time.monotonic() - t0
+
+
+def _ingress_log_counts(ray_tmp: str, needle: str) -> list[int]:
+    """How many access-log lines with ``needle`` each ingress replica of the Ray under ``ray_tmp`` wrote."""
+    logs = sorted(f for f in Path(ray_tmp).glob("**/session_*/logs/serve/replica_scdrugmap_Ingress_*.log")
+                  if "session_latest" not in f.parts)
+    return [sum(needle in line for line in f.read_text(errors="replace").splitlines()) for f in logs]
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp_path: Path) -> None:
-    """The real CLI in its own local Ray: rate limit (429 + Retry-After), then SIGTERM under load: every
-    accepted request answered (200, 429, or 503 while draining), exit status 0."""
+    """The real CLI in its own local Ray, two ingress replicas: the rate limit holds across them (429 +
+    Retry-After), then SIGTERM under load: every accepted request answered (200, 429, or 503 while draining),
+    exit status 0."""
     from scdrugmap_ray.serve.bench import request_bodies
 
     port = free_port()
@@ -147,9 +193,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
     # its own local Ray (never the session's or anyone's cluster); a short temp dir: Ray's socket paths
     ray_tmp = tempfile.mkdtemp(prefix="sdm-drain-", dir="/tmp")
     env = {**os.environ, "RAY_ADDRESS": "local", "SCDRUGMAP_TEST_KEY": API_KEY, "RAY_TMPDIR": ray_tmp}
+    if HAPROXY:  # as an operator runs it: the HAProxy variables exported, with its own files and ports
+        from scdrugmap_ray.serve.proxy import haproxy_env
+
+        env.update(haproxy_env())
     cmd = [sys.executable, "-m", "scdrugmap_ray.cli.main", "serve", "--registry", str(app["registry"]),
            "--port", str(port), "--api-key-env", "SCDRUGMAP_TEST_KEY", "--replica-cpus", "0.5",
-           "--rate-limit", "10", "--rate-burst", "10", "--drain-grace", "20"]
+           "--rate-limit", "5", "--rate-burst", "10", "--drain-grace", "20"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -164,12 +214,18 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
                 proc.kill()
                 pytest.fail(f"serve did not become ready: {proc.communicate()[0][-3000:]}")
             time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=30) as c:
-            codes = [c.get("/v1/models", headers=H) for _ in range(40)]
-        limited = [r for r in codes if r.status_code == 429]
-        assert limited and all(r.status_code in (200, 429) for r in codes)
-        assert int(limited[0].headers["retry-after"]) >= 1 and "rate limit" in limited[0].json()["detail"]
-        time.sleep(2.5)  # refill the buckets
+        time.sleep(2.5)  # /readyz's own calls were not keyed; start from full buckets anyway
+        codes, t_spread = _spread_requests(url, 3.0)
+        # one bucket for both ingress replicas: at most burst + rate x elapsed pass (a bucket per replica let
+        # through up to twice that); both replicas answered some of them (their access logs)
+        ok = sum(c == 200 for c in codes)
+        per_replica = _ingress_log_counts(ray_tmp, "GET /v1/models")
+        print(f"rate limit 5/s burst 10: {len(codes)} requests on new connections in {t_spread:.2f} s: {ok} x 200, "
+              f"{codes.count(429)} x 429; per ingress replica {per_replica}")
+        assert set(codes) == {200, 429}, sorted(codes)
+        assert ok <= 10 + 5 * t_spread + 1, (ok, t_spread)
+        assert len(per_replica) == 2 and min(per_replica) > 0, per_replica
+        time.sleep(3.0)  # refill the bucket
 
         bodies = request_bodies(app["h5ad"], "pca-sim", 400, 300)
         log: list[tuple[str, float]] = []
@@ -182,7 +238,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
                         return
                     _post(c, b, log)
 
-        threads = [threading.Thread(target=client) for _ in range(3)]
+        threads = [threading.Thread(target=client) for _ in range(6)]
         for t in threads:
             t.start()
         time.sleep(3.0)
@@ -202,6 +258,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if HAPROXY:
+            from scdrugmap_ray.serve.proxy import stop_haproxy
+
+            print(f"HAProxy processes left running after the server exited: {len(stop_haproxy(env))}")
     assert proc.returncode == 0, out[-3000:]
     # every request the server took before its drain was done got an answer; after it, the proxy goes away
     # and a request racing that is refused or reset: not accepted
@@ -209,4 +269,5 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
     assert not [o for o, _ in accepted if o.startswith("dropped")], (sorted({o for o, _ in log}), out[-2000:])
     assert {o for o, _ in accepted} <= {"200", "429", "503"}, sorted({o for o, _ in log})
     assert sum(o == "200" and t0 < term for o, t0 in log) > 0
-    assert sum(o == "503" for o, t0 in log if term < t0 < drained) > 0  # the door closed during the drain
+    window = sorted(o for o, t0 in log if term < t0 < drained)
+    assert "503" in window, (f"{drained - term:.2f} s from SIGTERM to drained", window)  # the door closed
