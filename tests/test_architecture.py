@@ -238,13 +238,20 @@ def test_every_package_folder_is_packaged() -> None:
 
 
 def test_one_batch_token_default() -> None:
-    """The batch-token default is defined once, in a module that imports nothing (the API reads it without
-    loading the engine): the API, the CLI and the engine's embedding pipeline all carry that value."""
+    """The batch-token default is assigned once, in engine/defaults.py, a module that imports nothing (the API
+    reads it without loading the engine); every other module imports it."""
     import scdrugmap_ray.tl as tl
     from scdrugmap_ray.engine import defaults
-    from scdrugmap_ray.engine.pipeline import embed
 
-    assert tl.DEFAULT_BATCH_TOKENS == embed.DEFAULT_BATCH_TOKENS == defaults.DEFAULT_BATCH_TOKENS
+    assert tl.DEFAULT_BATCH_TOKENS is defaults.DEFAULT_BATCH_TOKENS
     source = (ROOT / "engine" / "defaults.py").read_text()
     assert not [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import | ast.ImportFrom)
                 and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    assigned = [
+        str(path.relative_to(ROOT)) for path in _modules().values()
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Assign | ast.AnnAssign)
+        and any(isinstance(t, ast.Name) and t.id == "DEFAULT_BATCH_TOKENS"
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))
+    ]
+    assert assigned == ["engine/defaults.py"], assigned
