@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from scdrugmap_ray.engine.defaults import DEFAULT_BATCH_TOKENS
 from scdrugmap_ray.engine.errors import UserError
+from scdrugmap_ray.engine.runtime import show_ray_worker_logs
 
 log = logging.getLogger("scdrugmap_ray")
 
@@ -73,7 +74,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output, Ray's worker logs too.")]
+    = False,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -86,6 +88,7 @@ def _main(
         force=True,
     )
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    show_ray_worker_logs(verbose)  # Ray's worker logs on this terminal: only with --verbose
 
 
 def _stderr_console() -> Any:
@@ -541,6 +544,7 @@ def finetune(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of samples (or cells) held out for "
                                                 "validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a foundation model with LoRA + a classifier head on all labelled cells of a store."""
     from scdrugmap_ray.engine.data.splits import train_val_split
@@ -559,7 +563,7 @@ def finetune(
     train_rows, val_rows = train_val_split(obs, val_fraction, seed)
     labels = obs["label"].to_numpy()
     res = run_finetune(fm, cells, LabelledCells(train_rows, labels[train_rows]),
-                       LabelledCells(val_rows, labels[val_rows]), out, settings)
+                       LabelledCells(val_rows, labels[val_rows]), out, settings, progress=not quiet)
     m = res.metrics
     _say(f"trained {m['epochs_run']} epochs (best {m['best_epoch']}, validation loss {m['best_val_loss']:.4f}); "
          f"model in {res.model_dir}")

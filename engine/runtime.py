@@ -19,21 +19,51 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
+#: Ray's notice that it turned token authentication on (its default for a new local cluster, and where
+#: ~/.ray/auth_token exists): nothing for the user to do (``RAY_AUTH_MODE`` set explicitly silences it in Ray too)
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_worker_logs = True
 
 
-def init_ray(address: str | None = None, *, log_to_driver: bool = True) -> None:
+def show_ray_worker_logs(show: bool) -> None:
+    """Whether the output of Ray's worker processes is printed on this terminal (``ray.init``'s
+    ``log_to_driver``) by the next ``init_ray``: Ray Train's controller and placement-group cleaner, Ray Data's
+    split coordinators, their ``core_worker`` error lines. The CLI shows it only with ``--verbose``. Nothing
+    that matters is lost: a failure inside Ray reaches the driver as its exception (``user_errors`` makes a
+    UserError one line), the logs stay in Ray's session folder (``/tmp/ray/session_latest/logs``), and the
+    raylet's warnings pushed to the driver (a task killed for memory, a worker pool growing large) still
+    print: Ray sends them on another channel, which ``log_to_driver`` does not close."""
+    global _worker_logs
+    _worker_logs = show
+
+
+class _RayNoticeFilter(logging.Filter):
+    """Ray's token-auth notice, moved from the user's terminal to this module's debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_TOKEN_AUTH_NOTICE):
+            log.debug("ray: %s", record.getMessage())
+            return False
+        return True
+
+
+def init_ray(address: str | None = None, *, log_to_driver: bool | None = None) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray
     (``address="local"``: always a new local one, never a cluster that happens to run here). The one
-    place that calls ``ray.init``."""
+    place that calls ``ray.init``. ``log_to_driver``: print Ray's worker output here (default: as
+    ``show_ray_worker_logs`` set it, on unless the CLI runs without ``--verbose``)."""
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False}
+    notices = logging.getLogger(_TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _RayNoticeFilter) for f in notices.filters):
+        notices.addFilter(_RayNoticeFilter())
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False,
+                              "log_to_driver": _worker_logs if log_to_driver is None else log_to_driver}
     if address == "local" or (address is None and "RAY_ADDRESS" not in os.environ):
         kwargs["include_dashboard"] = False  # embedded local Ray: no dashboard needed
-    if not log_to_driver:
-        kwargs["log_to_driver"] = False
     ray.init(address=address, **kwargs)
 
 

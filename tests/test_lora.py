@@ -188,6 +188,32 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session: None, lora_sto
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, metrics["epochs_run"] + 1))
 
 
+@pytest.mark.slow
+def test_finetune_cli_bar_counts_every_training_step(lora_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The driver's bar is fed by the Ray Train workers (through a counter actor): it ends at epochs x
+    steps per epoch, each step one batch of --batch-cells training cells, with steps/s, loss and epoch.
+    Ray's own output (its workers' logs, core_worker lines, the token-auth notice) stays off the terminal."""
+    from scdrugmap_ray.engine.data.splits import train_val_split
+
+    obs = lora_store.obs(["cell_id", "label", "dataset", "sample"])
+    train_rows, _ = train_val_split(obs, 0.1, 0)
+    epochs, batch = 2, 32
+    total = epochs * -(-len(train_rows) // batch)
+    done = subprocess.run(
+        [sys.executable, "-m", "scdrugmap_ray.cli.main", "finetune", str(lora_store.path), "--model", "geneformer",
+         "--preset", "tiny", "--out", str(tmp_path / "ft"), "--epochs", str(epochs), "--batch-cells", str(batch)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bar = [line for line in done.stdout.splitlines() if line.startswith("finetune geneformer")]
+    assert bar, done.stdout[-2000:]
+    assert re.search(rf" {total}/{total} \d+\.\d\d steps/s  loss \d\.\d{{4}}  epoch {epochs}/{epochs} ", bar[-1]), bar
+    # (the raylet's own notices stay: they come on the channel that also reports OOM kills and dead workers)
+    ray_noise = re.compile(r"Token authentication|core_worker|\((TrainController|RayTrainWorker|SplitCoordinator"
+                           r"|PlacementGroupCleaner|DatasetManager)")
+    assert not [line for line in (done.stdout + done.stderr).splitlines() if ray_noise.search(line)]
+
+
 def test_finetune_cli_bad_target_is_one_line(lora_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bad"
     done = subprocess.run(
