@@ -233,6 +233,8 @@ def test_embeddings_as_arrow_ipc_stream(client: httpx.Client, app: dict[str, Any
     # Arrow is offered for embeddings only: /v1/predict says so (one-line JSON 406)
     r = client.post("/v1/predict", headers={**H, "Accept": ARROW}, json={"model": "pca-sim", "cells": cells[:3]})
     assert r.status_code == 406 and "/v1/embed" in r.json()["detail"]
+    doc = client.get("/openapi.json").json()["paths"]["/v1/embed"]["post"]["responses"]
+    assert ARROW in doc["200"]["content"] and "fixed_size_list<float32>" in doc["200"]["description"]
 
 
 def test_unknown_genes_named_unless_ignored(client: httpx.Client, app: dict[str, Any]) -> None:
