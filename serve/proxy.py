@@ -38,11 +38,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2048) -> dict[str, str]:
+def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2048,
+                timeout_server_s: int = 40) -> dict[str, str]:
     """The environment that puts Ray Serve in HAProxy mode with L7 retries. Its files (config, admin
     socket, server state) go to a fresh temporary directory and its stats/metrics ports are free ones, so
     two servers on one machine do not collide (Ray's defaults are /tmp/haproxy-serve and 8404/9101).
-    Memory: HAProxy holds up to two buffers of ``bufsize`` per connection, ``maxconn`` connections."""
+    Memory: HAProxy holds up to two buffers of ``bufsize`` per connection, ``maxconn`` connections.
+    ``timeout_server_s``: HAProxy's end-to-end limit on a replica's silence (Ray sets none in this mode; its
+    Python proxy had ``request_timeout_s`` + 10 s = 40 s by default): the ingress's own deadline (30 s, then
+    503) answers first."""
     # short: Ray adds a 56-character directory and HAProxy's socket paths must stay under 98 characters
     run_dir = tempfile.mkdtemp(prefix="sdm-hap-", dir="/tmp")
     return {
@@ -51,6 +55,7 @@ def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2
         "RAY_SERVE_HAPROXY_RETRIES": str(retries),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(bufsize),
         "RAY_SERVE_HAPROXY_MAXCONN": str(maxconn),
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(timeout_server_s),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run_dir}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run_dir}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
