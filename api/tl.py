@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scdrugmap_ray.engine.defaults import DEFAULT_BATCH_TOKENS
+from scdrugmap_ray.engine.defaults import batch_tokens_for
 from scdrugmap_ray.engine.errors import UserError
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def foundation_model(model: str, checkpoint: str | Path | None, preset: str | No
     return get_model(model, opts)
 
 
-def embed_local(fm: Any, cells: Cells, batch_tokens: int, device: str, progress: bool = False) -> np.ndarray:
+def embed_local(fm: Any, cells: Cells, batch_tokens: int | None, device: str, progress: bool = False) -> np.ndarray:
     """float32 [n_cells, d] in this process, no Ray: the engine's ``embed_in_process`` (the model's tokenizer,
     then the ``embed_block`` each Ray Data actor runs, over the engine's blocks of cells in data order)."""
     from scdrugmap_ray.engine.pipeline.embed import embed_in_process
@@ -204,7 +204,7 @@ def embed(
     checkpoint: str | Path | None = None,
     preset: str | None = None,
     key_added: str | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     layer: str | None = None,
     gene_key: str | None = None,
     options: dict[str, Any] | None = None,
@@ -224,10 +224,13 @@ def embed(
     Writes ``obsm[key_added]`` (float32 [n_obs, d], default key ``X_<model>``; NaN rows for cells without
     any non-zero value) and ``uns[key_added]``: model, options, checkpoint path and SHA-256, random-weights
     flag, backend, batch_tokens, package version. Returns None, or the AnnData with ``copy=True`` or a path.
+    ``batch_tokens``: tokens per model batch (cells x longest cell); None: the device's default (16,384 on a
+    GPU, 2,048 on CPU, where small batches are cheaper).
     ``progress``: a bar of cells embedded (default: when there is more than one block of 1,024 cells).
     """
     adata, opened = open_data(adata)
-    if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool)
+                                     or batch_tokens < 1):
         raise UserError(f"batch_tokens: expected a positive integer, got {batch_tokens!r}")
     fm = foundation_model(model, checkpoint, preset, options)
     key = key_added or f"X_{fm.name}"
@@ -271,7 +274,7 @@ def embed(
         "checkpoint_sha256": checkpoint_digest(Path(ckpt)),
         "random_weights": bool(fm.random_weights),
         "backend": where,
-        "batch_tokens": batch_tokens,
+        "batch_tokens": batch_tokens_for(device or "cpu", batch_tokens) if where == "local" else batch_tokens,
         "layer": layer,
         "n_cells_embedded": int(n_done),
         "scdrugmap_ray_version": package_version(),
@@ -407,4 +410,4 @@ def rename_prediction_keys(h5ad: str | Path, key_added: str, provenance: dict[st
         ad.io.write_elem(uns, key_added, provenance)
 
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "DEFAULT_PREDICT_KEY", "IN_MEMORY_MAX_CELLS", "embed", "predict"]
+__all__ = ["DEFAULT_PREDICT_KEY", "IN_MEMORY_MAX_CELLS", "embed", "predict"]

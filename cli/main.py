@@ -433,7 +433,8 @@ def embed(
                                           "for an .h5ad input, an .h5ad: a copy with obsm[KEY] and uns[KEY].")],
     checkpoint: Checkpoint = None,
     preset: Preset = None,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per model batch.")] = DEFAULT_BATCH_TOKENS,
+    batch_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Tokens per model batch (cells x longest cell); default 16,384 on GPU, 2,048 on CPU.")] = None,
     device: Device = None,
     actors: Actors = None,
     actor_resource: ActorResource = None,
@@ -469,7 +470,7 @@ def embed(
 
 
 def _embed_into_h5ad(src: Path, out: Path, model: str, checkpoint: Path | None, preset: str | None,
-                     key_added: str | None, batch_tokens: int, layer: str | None, device: str | None) -> None:
+                     key_added: str | None, batch_tokens: int | None, layer: str | None, device: str | None) -> None:
     """``embed DATA.h5ad --out OUT.h5ad``: sdr.tl.embed on the file (the Ray Data engine), written as a copy."""
     import scdrugmap_ray as sdr
     from scdrugmap_ray.engine.fsutil import atomic_file
@@ -496,7 +497,8 @@ def bench_embed(
     checkpoint: Checkpoint = None,
     preset: Preset = None,
     cells: Annotated[int, typer.Option(min=1, help="Cells to embed.")] = 2000,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Engine tokens per batch.")] = DEFAULT_BATCH_TOKENS,
+    batch_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Engine tokens per batch; default 16,384 on GPU, 2,048 on CPU (llama: 16,384).")] = None,
     naive_batch: Annotated[int, typer.Option(min=1, help="Cells per batch of the naive loop.")] = 8,
 ) -> None:
     """Engine vs the naive loop (fixed batches padded to the maximum, fp32): cells/s, padding, memory.
@@ -507,14 +509,15 @@ def bench_embed(
     if model == "llama":
         from .llm import bench_llama_cli
 
-        return bench_llama_cli(data, checkpoint, preset, cells, batch_tokens, _say)
+        return bench_llama_cli(data, checkpoint, preset, cells, batch_tokens or DEFAULT_BATCH_TOKENS, _say)
     fm = _foundation_model(model, checkpoint, preset)
     res = run_bench(fm, CellStore.open(data), cells, batch_tokens=batch_tokens, naive_batch_cells=naive_batch)
     for side in ("engine", "in_process", "naive"):
         _say(res[side]["line"])  # type: ignore[index]
     _say(f"speedup_vs_naive={res['speedup_vs_naive']:.2f} "
          f"speedup_in_process_vs_naive={res['speedup_in_process_vs_naive']:.2f} "
-         f"max_abs_diff={res['max_abs_diff']:.2e}")
+         f"cpu_speedup_vs_naive={res['cpu_speedup_vs_naive']:.2f} max_abs_diff={res['max_abs_diff']:.2e} "
+         f"batch_tokens={batch_tokens or 'device default'}")
 
 
 def _lora_settings(seed: int, **given: Any) -> Any:

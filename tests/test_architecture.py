@@ -238,12 +238,13 @@ def test_every_package_folder_is_packaged() -> None:
 
 
 def test_one_batch_token_default() -> None:
-    """The batch-token default is assigned once, in engine/defaults.py, a module that imports nothing (the API
-    reads it without loading the engine); every other module imports it."""
-    import scdrugmap_ray.tl as tl
+    """The batch-token defaults are assigned once, in engine/defaults.py, a module that imports nothing (the API
+    reads it without loading the engine); every other module asks ``batch_tokens_for(device)``."""
     from scdrugmap_ray.engine import defaults
 
-    assert tl.DEFAULT_BATCH_TOKENS is defaults.DEFAULT_BATCH_TOKENS
+    assert defaults.batch_tokens_for("cuda:0") == defaults.DEFAULT_BATCH_TOKENS
+    assert defaults.batch_tokens_for("cpu") == defaults.CPU_BATCH_TOKENS < defaults.DEFAULT_BATCH_TOKENS
+    assert defaults.batch_tokens_for("cpu", 512) == 512
     source = (ROOT / "engine" / "defaults.py").read_text()
     assert not [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import | ast.ImportFrom)
                 and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
@@ -251,7 +252,7 @@ def test_one_batch_token_default() -> None:
         str(path.relative_to(ROOT)) for path in _modules().values()
         for n in ast.walk(ast.parse(path.read_text()))
         if isinstance(n, ast.Assign | ast.AnnAssign)
-        and any(isinstance(t, ast.Name) and t.id == "DEFAULT_BATCH_TOKENS"
+        and any(isinstance(t, ast.Name) and t.id in ("DEFAULT_BATCH_TOKENS", "CPU_BATCH_TOKENS")
                 for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))
     ]
-    assert assigned == ["engine/defaults.py"], assigned
+    assert assigned == ["engine/defaults.py", "engine/defaults.py"], assigned

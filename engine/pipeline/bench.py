@@ -25,24 +25,39 @@ log = logging.getLogger(__name__)
 
 
 class PeakRSS:
-    """Peak resident memory, sampled on a background thread: ``peak`` of this process and all its
-    descendants (a local Ray's raylet and workers included), ``peak_driver`` of this process alone."""
+    """Peak resident memory and CPU time, sampled on a background thread: ``peak`` of this process and all
+    its descendants (a local Ray's raylet and workers included), ``peak_driver`` of this process alone, and
+    ``cpu_s``, the CPU seconds all of them used meanwhile (a process that ends between two samples loses
+    its last interval). CPU seconds change less with the machine's load than wall time does.
+    ``descendants=False``: this process alone (a side that runs without Ray must not count an idle Ray's)."""
 
-    def __init__(self, interval: float = 0.1) -> None:
+    def __init__(self, interval: float = 0.1, descendants: bool = True) -> None:
         self.interval = interval
+        self.descendants = descendants
         self.peak = 0
         self.peak_driver = 0
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - self._cpu_first[pid] for pid, last in self._cpu_last.items())
+
     def _sample(self) -> None:
         me = psutil.Process()
-        driver = me.memory_info().rss
-        total = driver
-        for child in me.children(recursive=True):
+        total = 0
+        for proc in [me, *(me.children(recursive=True) if self.descendants else [])]:
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        self.peak_driver = max(self.peak_driver, driver)
+                with proc.oneshot():
+                    rss, times = proc.memory_info().rss, proc.cpu_times()
+                if proc.pid == me.pid:
+                    self.peak_driver = max(self.peak_driver, rss)
+                total += rss
+                cpu = times.user + times.system
+                self._cpu_first.setdefault(proc.pid, 0.0 if self._thread.is_alive() else cpu)
+                self._cpu_last[proc.pid] = cpu
         self.peak = max(self.peak, total)
 
     def _run(self) -> None:
@@ -68,6 +83,7 @@ class BenchSide:
     tokens: int
     padded_tokens: int
     peak_rss_mb: float
+    cpu_s: float  # CPU seconds of this process and its descendants (Ray's included for the engine)
 
     @property
     def cells_per_s(self) -> float:
@@ -85,7 +101,7 @@ class BenchSide:
         return (
             f"{name}: cells={self.cells} seconds={self.seconds:.2f} cells_per_s={self.cells_per_s:.1f} "
             f"tokens_per_s={self.tokens_per_s:.0f} padding_fraction={self.padding_fraction:.3f} "
-            f"peak_rss_mb={self.peak_rss_mb:.0f}"
+            f"peak_rss_mb={self.peak_rss_mb:.0f} cpu_s={self.cpu_s:.1f}"
         )
 
 
@@ -108,7 +124,7 @@ def naive_embed(
     """Single process, fixed batches in store order, every cell padded to the model maximum, fp32."""
     import torch
 
-    with PeakRSS() as rss:
+    with PeakRSS(descendants=False) as rss:
         t0 = time.perf_counter()
         cells = read_cells(store, rows)
         tokenizer = model.make_tokenizer(store.genes)
@@ -122,28 +138,29 @@ def naive_embed(
                 out.append(model.embed(module, model.collate(part, pad_to=model.max_length)).float().numpy())
         seconds = time.perf_counter() - t0
     emb = np.concatenate(out)
-    side = BenchSide(len(lengths), seconds, int(lengths.sum()), len(lengths) * model.max_length, rss.peak / 2**20)
+    side = BenchSide(len(lengths), seconds, int(lengths.sum()), len(lengths) * model.max_length, rss.peak / 2**20,
+                     rss.cpu_s)
     return emb, side
 
 
 def in_process_embed(model: FoundationModel, store: CellStore, rows: np.ndarray,
-                     batch_tokens: int) -> tuple[np.ndarray, BenchSide]:
+                     batch_tokens: int | None) -> tuple[np.ndarray, BenchSide]:
     """The engine's batching (length-sorted token-budget batches) in this process, no Ray: what
     ``sdr.tl.embed`` does for small in-memory data. Timed like the naive loop: read, load, tokenize, embed."""
     from .embed import embed_in_process
 
     stats: dict[str, int] = {}
-    with PeakRSS() as rss:
+    with PeakRSS(descendants=False) as rss:
         t0 = time.perf_counter()
         csr = store.read_csr(rows)
         ids = store.obs(["cell_id"])["cell_id"].to_numpy()[rows]
         emb = embed_in_process(model, np.asarray(ids, dtype=object), csr, store.genes, batch_tokens=batch_tokens,
                                stats=stats)
         seconds = time.perf_counter() - t0
-    return emb, BenchSide(len(rows), seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20)
+    return emb, BenchSide(len(rows), seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20, rss.cpu_s)
 
 
-def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch_tokens: int,
+def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch_tokens: int | None = None,
                 naive_batch_cells: int = 8, num_actors: int | None = None) -> dict[str, object]:
     """Three ways over the same cells and weights: the Ray Data engine (timed from Ray start-up, which is
     reported apart as ``ray_start_s``), the same batching in this process without Ray, and the naive loop."""
@@ -160,7 +177,7 @@ def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch
         emb, stats = embed_store(model, store, batch_tokens=batch_tokens, num_actors=num_actors, cell_ids=ids,
                                  return_stats=True)
         seconds = time.perf_counter() - t0
-    engine = BenchSide(n, seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20)
+    engine = BenchSide(n, seconds, stats["tokens"], stats["padded_tokens"], rss.peak / 2**20, rss.cpu_s)
     local_emb, local = in_process_embed(model, store, rows, batch_tokens)
     ref, naive = naive_embed(model, store, rows, naive_batch_cells)
     return {
@@ -172,6 +189,8 @@ def bench_embed(model: FoundationModel, store: CellStore, n_cells: int, *, batch
         "naive": asdict(naive) | {"line": naive.line("naive")},
         "speedup_vs_naive": engine.cells_per_s / naive.cells_per_s,
         "speedup_in_process_vs_naive": local.cells_per_s / naive.cells_per_s,
+        # CPU seconds (the engine's include Ray's processes and start-up): less sensitive to the load
+        "cpu_speedup_vs_naive": naive.cpu_s / engine.cpu_s if engine.cpu_s else float("nan"),
         "max_abs_diff": float(max(np.abs(emb - ref).max(), np.abs(local_emb - ref).max())),
     }
 

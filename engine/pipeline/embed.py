@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..defaults import batch_tokens_for
 from ..errors import UserError
 from ..models.base import get_model
 from ..models.lora_adapter import load_finetuned
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_TOKENS = 16_384
 STAGING = "_staging"
 DONE = "_embedding.json"  # written last: the folder holds every wanted cell
 JOB = "_job.json"  # written first: which model, store and rows the parts belong to
@@ -146,7 +146,7 @@ class EmbedActor:
     holds embeddings); without, it returns row + embedding."""
 
     def __init__(self, model_name: str, options: dict[str, Any], device: str, dtype: str | None,
-                 batch_tokens: int, finetuned: str | None = None, cpu_threads: int | None = None,
+                 batch_tokens: int | None, finetuned: str | None = None, cpu_threads: int | None = None,
                  out: str | None = None, shard_offsets: np.ndarray | None = None) -> None:
         import torch
 
@@ -157,7 +157,7 @@ class EmbedActor:
         self.model = get_model(model_name, options)
         self.device = device
         self.dtype = getattr(torch, dtype) if dtype else None
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens_for(device, batch_tokens)
         self.out = location(out).child(STAGING) if out else None
         self.shard_offsets = shard_offsets
         import ray
@@ -233,12 +233,14 @@ IN_PROCESS_BLOCK_CELLS = 1024  # the Ray Data path's block size, so both paths c
 
 
 def embed_in_process(model: FoundationModel, cell_ids: np.ndarray, csr: Any, genes: Any, *,
-                     batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str = "cpu", dtype: Any = None,
+                     batch_tokens: int | None = None, device: str = "cpu", dtype: Any = None,
                      module: Any = None, progress: bool = False, stats: dict[str, int] | None = None) -> np.ndarray:
     """float32 [n_cells, d] in this process, no Ray: the model's tokenizer, then ``embed_block`` (what each
     Ray Data actor runs) over blocks of 1,024 cells in data order. For data that fits one machine's memory
     and wants no Ray start-up (seconds that dominate a few hundred cells); ``csr`` is cells x ``genes`` (a
-    genes table as ``CellStore.genes``); ``stats`` (a dict) gets the tokens and padded tokens added to it."""
+    genes table as ``CellStore.genes``); ``stats`` (a dict) gets the tokens and padded tokens added to it.
+    ``batch_tokens`` None: the device's default (``defaults.batch_tokens_for``)."""
+    budget = batch_tokens_for(device, batch_tokens)
     tokenizer = model.make_tokenizer(genes)
     log.info("%s: vocabulary covers %.1f%% of the data's genes", model.name, 100 * tokenizer.coverage)
     if module is None:
@@ -258,7 +260,7 @@ def embed_in_process(model: FoundationModel, cell_ids: np.ndarray, csr: Any, gen
             block["n_tokens"] = np.fromiter((len(t) for t in tokens["input_ids"]), dtype=np.int64,
                                             count=len(tokens["input_ids"]))
             block["cell_id"] = cell_ids[start:stop]
-            done = embed_block(model, module, block, batch_tokens, device)
+            done = embed_block(model, module, block, budget, device)
             emb = done["embedding"]
             if stats is not None:
                 stats["tokens"] = stats.get("tokens", 0) + int(done["n_tokens"].sum())
@@ -308,7 +310,7 @@ def _prepare(model: FoundationModel, store: CellStore) -> CellTokenizer:
 
 
 def _pipeline(model: FoundationModel, store: CellStore, tokenizer: CellTokenizer, shards: Sequence[int],
-              rows: np.ndarray | None, plan: ActorPlan, dtype: str | None, batch_tokens: int, block_cells: int,
+              rows: np.ndarray | None, plan: ActorPlan, dtype: str | None, batch_tokens: int | None, block_cells: int,
               finetuned: str | None, out: str | None) -> Any:
     import ray
 
@@ -335,7 +337,7 @@ def embed_store(
     model: FoundationModel,
     store: CellStore,
     *,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     num_actors: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -389,7 +391,7 @@ def embed_to_dir(
     out: str | Path,
     *,
     rows: np.ndarray | None = None,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     num_actors: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -432,7 +434,7 @@ def embed_to_dir(
 
 
 def _embed_shards(model: FoundationModel, store: CellStore, tokenizer: CellTokenizer, dest: Location,
-                  srt: np.ndarray | None, ident: dict[str, Any], t0: float, *, batch_tokens: int,
+                  srt: np.ndarray | None, ident: dict[str, Any], t0: float, *, batch_tokens: int | None,
                   num_actors: int | None, device: str | None, dtype: str | None, block_cells: int,
                   finetuned: str | None, actor_resources: dict[str, float] | None, progress: bool) -> EmbedRun:
     import ray

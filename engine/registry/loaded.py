@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.gene_ids import ensembl_to_symbols, looks_like_ensembl, symbols_to_ensembl
-from ..defaults import DEFAULT_BATCH_TOKENS
+from ..defaults import batch_tokens_for
 from ..errors import UserError
 from ..models.base import EmbeddingModel, FittedFeatureModel, FoundationModel, get_model
 from ..models.lora_adapter import load_adapter
@@ -55,14 +55,14 @@ class LoadedModel:
     """A registry model in memory: featurizer or foundation model (with LoRA merged), and its head."""
 
     def __init__(self, version_dir: str | Path, device: str = "cpu", dtype: Any = None,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
+                 batch_tokens: int | None = None) -> None:
         self.dir = Path(version_dir)
         try:
             self.info: dict[str, Any] = json.loads((self.dir / MODEL_JSON).read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.dir} is not a registry model ({exc})") from None
         self.kind = self.info["kind"]
-        self.device, self.batch_tokens = device, batch_tokens
+        self.device, self.batch_tokens = device, batch_tokens_for(device, batch_tokens)
         self.train_genes = pd.read_parquet(self.dir / GENES)
         options = dict(self.info.get("model_options") or {})
         if self.info.get("backbone", {}).get("copied"):

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..defaults import DEFAULT_BATCH_TOKENS
 from ..errors import UserError
 from ..pipeline.embed import tokenize_rows
 from ..progress import cells_progress, rate_text
@@ -66,7 +65,7 @@ class _PredictActor:
 
 
 def iter_predictions(version_dir: Path, store: Any, *, want_features: bool = False, num_actors: int | None = None,
-                     device: str | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS, block_cells: int = 4096,
+                     device: str | None = None, batch_tokens: int | None = None, block_cells: int = 4096,
                      actor_resources: dict[str, float] | None = None,
                      ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of {cell_id, p_sensitive[, features]} for every cell of a store, streamed by Ray Data. Actors

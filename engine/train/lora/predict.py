@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from ...data.store import CellStore
-from ...defaults import DEFAULT_BATCH_TOKENS
 from ...models.lora_adapter import load_config_and_head
 from ...pipeline.embed import embed_store
 
@@ -21,7 +20,7 @@ def predict_finetuned(model_dir: Path, store: CellStore, cell_ids: list[str] | N
 
     fm, _, head = load_config_and_head(Path(model_dir))
     emb = embed_store(fm, store, cell_ids=cell_ids, rows=rows, finetuned=str(model_dir),
-                      batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS)
+                      batch_tokens=batch_tokens)
     with torch.no_grad():
         p = torch.softmax(head(torch.from_numpy(emb)), dim=1)[:, 1].numpy().astype(np.float32)
     return p, emb
