@@ -209,8 +209,8 @@ def serve_cmd(
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
     max_queue_wait: Annotated[float, typer.Option(help="Seconds a request may wait for a predictor before it is "
                                                   "shed with 503 + Retry-After.")] = 0.5,
-    rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (token bucket per ingress replica; "
-                                              "429 + Retry-After above); 0: off.")] = 0.0,
+    rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (one token bucket shared by the ingress "
+                                              "replicas; 429 + Retry-After above); 0: off.")] = 0.0,
     rate_burst: Annotated[int, typer.Option(help="Token bucket size (0: 2 x --rate-limit).")] = 0,
     max_json_cells: Annotated[int, typer.Option(help="Most cells in a JSON answer; larger answers stream as "
                                                 "NDJSON (Accept: application/x-ndjson).")] = 50_000,
@@ -220,6 +220,10 @@ def serve_cmd(
                                                "flight before stopping.")] = 30.0,
     docs: Annotated[bool, typer.Option(help="Serve the API docs at /docs (Swagger UI, from the package).")] = True,
     address: Annotated[str | None, typer.Option(help="Connect to this Ray cluster.")] = None,
+    proxy: Annotated[str, typer.Option(help="HTTP proxy of the embedded local Ray: 'haproxy' (HAProxy in front of "
+                                       "the ingress replicas, replaying a request whose replica died) or 'ray' "
+                                       "(Ray's Python proxy). A cluster (--address) uses what it was started "
+                                       "with (serve/proxy.py).")] = "haproxy",
     llm: Annotated[Path | None, typer.Option(help="Also serve this Hugging Face causal-LM directory (e.g. "
                                              "Meta-Llama-3-8B) with vLLM: OpenAI-compatible /v1/embeddings, "
                                              "/v1/completions, /v1/chat/completions and /v1/llm/embed-cells.")] = None,
@@ -247,6 +251,8 @@ def serve_cmd(
                      ("--drain-grace", drain_grace)):
         if not num >= 0:
             raise UserError(f"{opt} {num}: give a number >= 0")
+    if proxy not in ("haproxy", "ray"):
+        raise UserError(f"--proxy {proxy!r}: give 'haproxy' or 'ray'")
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
@@ -270,6 +276,11 @@ def serve_cmd(
         from scdrugmap_ray.serve.llm import llm_configs
 
         llm_configs(cfg)  # a wrong directory or name is one line here, before any replica starts
+    proxy_env: dict[str, str] = {}
+    if proxy == "haproxy" and address is None and os.environ.get("RAY_ADDRESS", "local") in ("", "local"):
+        from scdrugmap_ray.serve.proxy import use_haproxy
+
+        proxy_env = use_haproxy()  # before Ray starts: its controller and proxies read it at start
     init_ray(address)
     run_app(cfg, host=host, port=port)
     _say(f"serving {len(reg.names())} model(s) from {reg.root} at http://{host}:{port}/ (API docs: /docs); "
@@ -295,6 +306,10 @@ def serve_cmd(
     _say("drained; stopping" if drained else f"grace period over with {left} request(s) in flight; stopping")
     serve.shutdown()
     ray.shutdown()
+    if proxy_env:
+        from scdrugmap_ray.serve.proxy import stop_haproxy
+
+        stop_haproxy(proxy_env)  # Ray can leave its HAProxy running after the shutdown
 
 
 def bench_predict(

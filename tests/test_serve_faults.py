@@ -199,7 +199,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(app: dict[str, Any], tmp
         env.update(haproxy_env())
     cmd = [sys.executable, "-m", "scdrugmap_ray.cli.main", "serve", "--registry", str(app["registry"]),
            "--port", str(port), "--api-key-env", "SCDRUGMAP_TEST_KEY", "--replica-cpus", "0.5",
-           "--rate-limit", "5", "--rate-burst", "10", "--drain-grace", "20"]
+           "--rate-limit", "5", "--rate-burst", "10", "--drain-grace", "20", "--proxy", "haproxy" if HAPROXY else "ray"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
