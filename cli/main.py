@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from scdrugmap_ray.engine.defaults import DEFAULT_BATCH_TOKENS
 from scdrugmap_ray.engine.errors import UserError
-from scdrugmap_ray.engine.runtime import show_ray_worker_logs
+from scdrugmap_ray.engine.runtime import ray_native_notices_dropped, show_ray_worker_logs
 
 log = logging.getLogger("scdrugmap_ray")
 
@@ -23,6 +23,11 @@ class _App(typer.Typer):
     its range, a missing argument) into one line and exit status 2."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        verbose = bool({"-v", "--verbose"} & set(sys.argv[1:]))
+        with ray_native_notices_dropped(enabled=not verbose):  # Ray's C++ notices: only with --verbose
+            return self._run(*args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
             rv = super().__call__(*args, standalone_mode=False, **kwargs)
         except UserError as err:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +39,61 @@ def show_ray_worker_logs(show: bool) -> None:
     print: Ray sends them on another channel, which ``log_to_driver`` does not close."""
     global _worker_logs
     _worker_logs = show
+
+
+#: lines Ray's C++ core worker writes straight to this process's stderr (file descriptor 2, below Python's
+#: logging) that ask nothing of the user: Ray Data 2.60 hands every actor pool's constructor arguments
+#: through the object store, so each embed / predict job printed this "E" line (ray-project/ray#53727)
+_NATIVE_NOTICES = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
+)
+
+
+@contextmanager
+def ray_native_notices_dropped(enabled: bool = True) -> Iterator[None]:
+    """For the CLI process: drop Ray's known notices (``_NATIVE_NOTICES``) from what native code writes to file
+    descriptor 2; every other such line passes, in its order. Python's own writers (rich bars, logging, the one-line
+    errors, tracebacks) get ``sys.stderr`` on a copy of the real descriptor, so a terminal stays a terminal;
+    only what writes descriptor 2 directly goes through the filter (a pipe read by a thread). Restored on exit."""
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+    except (OSError, ValueError):
+        yield
+        return
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if not any(p.search(line) for p in _NATIVE_NOTICES):
+                    os.write(real, line + b"\n")
+        if pending:
+            os.write(real, pending)
+        os.close(read_end)
+
+    python_stderr = sys.stderr
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = open(real, "w", buffering=1, encoding=getattr(python_stderr, "encoding", None) or "utf-8",  # noqa: SIM115
+                      errors="backslashreplace", closefd=False)
+    thread = threading.Thread(target=pump, name="ray-native-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(real, 2)  # the pipe's last write end here closes: the thread drains it and ends
+        # processes started meanwhile (a local Ray's) may still hold the pipe: do not wait for them
+        thread.join(timeout=1.0)
+        if not thread.is_alive():
+            os.close(real)
 
 
 class _RayNoticeFilter(logging.Filter):
