@@ -36,6 +36,9 @@ class LoadResult:
     shed_latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count (0: no answer)
     retry_after_missing: int = 0  # shed answers without a Retry-After header
+    # a kept-alive connection the server closed before any byte of an answer, the request then sent again on a
+    # new connection (RFC 9112 9.3.1; every POST of this API is a pure function of its body): not an error
+    reconnects: int = 0
 
     @property
     def ok(self) -> int:
@@ -56,6 +59,8 @@ class LoadResult:
                f"not_sent={self.not_sent} {self.unit}_missing={self.missing} seconds={self.seconds:.1f} "
                f"requests_per_s={self.ok * per_s:.1f} {self.unit}_per_s={self.items * per_s:.0f} "
                f"p50_ms={self.p(50):.1f} p99_ms={self.p(99):.1f}")
+        if self.reconnects:
+            out += f" reconnects={self.reconnects}"
         if self.shed:
             out += (f" shed={self.shed} shed_fraction={self.shed / max(self.requests, 1):.3f} "
                     f"shed_p99_ms={self.p(99, True):.1f} shed_max_ms={max(self.shed_latencies) * 1000:.1f}")
@@ -111,7 +116,18 @@ def drive(url: str, path: str, bodies: list[dict[str, Any]], answered: Callable[
                     continue
                 t0 = time.perf_counter()
                 try:
-                    r = client.post(path, json=bodies[i])
+                    try:
+                        r = client.post(path, json=bodies[i])
+                    except httpx.RemoteProtocolError as err:
+                        # the race every keep-alive client meets: the server (HAProxy reloading its
+                        # configuration, a replica going) closed the idle connection as the request left;
+                        # nothing was answered, so it is sent once more on a new connection, as
+                        # browsers and urllib3 do
+                        if "without sending a response" not in str(err):
+                            raise
+                        with lock:
+                            res.reconnects += 1
+                        r = client.post(path, json=bodies[i])
                     dt = time.perf_counter() - t0
                     with lock:
                         res.statuses[r.status_code] = res.statuses.get(r.status_code, 0) + 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -32,8 +33,28 @@ log = logging.getLogger(__name__)
 RETRY_ON = "conn-failure empty-response response-timeout"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port free now, for a server that binds it seconds later. Picked below the kernel's ephemeral range
+    and above Ray's worker ports (10002-19999): a port from ``bind(0)`` is an ephemeral one, which any
+    outgoing connection may take as its source port before the server binds it (seen: Serve's fallback
+    proxy failing with "Failed to bind" while a test suite ran beside it)."""
+    high = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(20000, max(high, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range is full: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -61,12 +82,12 @@ def haproxy_env(*, retries: int = 3, bufsize: int = 512 * 1024, maxconn: int = 2
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         # HAProxy's backup server is Serve's fallback proxy on a FIXED port (8500): a second Serve on the
         # machine cannot bind it and its HAProxy then sends requests to the first one's app (seen in testing)
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from scdrugmap_ray.serve.proxy import haproxy_enabled, stop_haproxy, use_haproxy
+from scdrugmap_ray.serve.proxy import free_port, haproxy_enabled, stop_haproxy, use_haproxy
 
 API_KEY = "test-key-123"
 MAX_UPLOAD = 3_000_000
@@ -26,12 +25,6 @@ if os.environ.get("SCDRUGMAP_TEST_PROXY", "haproxy") == "haproxy":
     # the session's Ray is shut down without serve.shutdown(): its HAProxy would keep running (serve/proxy.py)
     atexit.register(stop_haproxy)
 HAPROXY = haproxy_enabled()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_registry(root: Path) -> dict[str, Any]:

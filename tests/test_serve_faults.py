@@ -91,7 +91,10 @@ def test_ingress_replica_killed_under_load_costs_no_client_an_error(app: dict[st
         # machine the replacement replica's start starves the predictors ("Failed to get queue length ...
         # within 0.1s") and a request that waited longer than max_queue_wait_s (2 s here) is answered 503 +
         # Retry-After before any work. Measured: 1-4 sheds of 160 in five runs. NOT the issue's "zero
-        # 5xx": zero failures, a few sheds
+        # 5xx": zero failures, a few sheds. A kept-alive connection HAProxy closes as a request leaves (its
+        # reload when the replica set changes) answers nothing; the client sends it again on a new connection
+        # (serve/bench.drive counts it in `reconnects`; seen once in a whole-suite run)
+        assert res.reconnects <= 4, (res.line(), res.statuses)
         assert res.errors == 0 and res.missing == 0 and res.ok + res.shed == 160, (res.line(), res.statuses)
         assert set(res.statuses) <= {200, 503} and res.retry_after_missing == 0, res.statuses
         assert res.shed <= 8, (res.line(), res.statuses)
