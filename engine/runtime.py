@@ -55,7 +55,7 @@ def ray_native_notices_dropped(enabled: bool = True) -> Iterator[None]:
     descriptor 2; every other such line passes, in its order. Python's own writers (rich bars, logging, the one-line
     errors, tracebacks) get ``sys.stderr`` on a copy of the real descriptor, so a terminal stays a terminal;
     only what writes descriptor 2 directly goes through the filter (a pipe read by a thread). Restored on exit."""
-    if not enabled:
+    if not enabled or sys.stderr is not sys.__stderr__:  # Python's stderr already taken (pytest, a notebook)
         yield
         return
     try:
