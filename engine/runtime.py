@@ -87,7 +87,7 @@ def ray_native_notices_dropped(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        sys.stderr.flush()
+        sys.stderr.close()  # the wrapper only: it does not own the descriptor (closefd=False)
         sys.stderr = python_stderr
         os.dup2(real, 2)  # the pipe's last write end here closes: the thread drains it and ends
         # processes started meanwhile (a local Ray's) may still hold the pipe: do not wait for them
