@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from scdrugmap_ray.serve.proxy import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -31,10 +31,7 @@ def free_ports(n: int) -> list[int]:
     """``n`` distinct free ports, none handed out before in this process."""
     ports: list[int] = []
     while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = free_port()  # below the ephemeral range: no outgoing connection takes it before the node binds it
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             ports.append(port)
