@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger("loadtest_serve")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class HealthProbe:
@@ -72,6 +65,8 @@ def main() -> None:
     ap.add_argument("--replica-cpus", type=float, default=0.5)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-queue-wait", type=float, default=0.5)
+    ap.add_argument("--max-ongoing", type=int, default=0, help="requests a predictor replica works on at once "
+                    "(0: the server's default, 2 on CPU)")
     ap.add_argument("--model", default="pca-logreg")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--proxy", choices=("haproxy", "default"), default="haproxy",
@@ -93,10 +88,13 @@ def main() -> None:
 
         use_haproxy()  # before Ray starts: its processes read it
     init_ray("local", log_to_driver=False)
-    port = _free_port()
+    from scdrugmap_ray.serve.proxy import free_port
+
+    port = free_port()
     cfg = ServeConfig(registry=str(registry), min_replicas=args.replicas, max_replicas=args.replicas,
                       ingress_replicas=args.ingress_replicas, max_batch_size=args.max_batch_size,
-                      replica_cpus=args.replica_cpus, max_queue_wait_s=args.max_queue_wait)
+                      replica_cpus=args.replica_cpus, max_queue_wait_s=args.max_queue_wait,
+                      max_ongoing_requests=args.max_ongoing)
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"
     bodies = request_bodies(work / "sim.h5ad", "bench", 300, args.cells_per_request)

@@ -202,13 +202,16 @@ def serve_cmd(
     ingress_replicas: Annotated[int, typer.Option(help="Ingress (HTTP) replicas: two, so one's death leaves "
                                                   "the other serving.")] = 2,
     max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
-                                                      "(0: --max-batch-size).")] = 0,
-    max_queued_requests: Annotated[int, typer.Option(help="Requests queued for the predictors per ingress replica "
-                                                     "(0: --max-batch-size); more: 503 + Retry-After.")] = 0,
+                                                      "(0: --max-batch-size with --replica-gpus, else 2).")] = 0,
+    max_queued_requests: Annotated[int, typer.Option(help="Requests one ingress replica holds waiting for a "
+                                                     "predictor, each at most --max-queue-wait (0: as many as "
+                                                     "--max-ongoing-requests); more: 503 + Retry-After at "
+                                                     "once.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
-    max_queue_wait: Annotated[float, typer.Option(help="Seconds a request may wait for a predictor before it is "
-                                                  "shed with 503 + Retry-After.")] = 0.5,
+    max_queue_wait: Annotated[float, typer.Option(help="Seconds a model request may wait in its ingress "
+                                                  "replica's line for a predictor slot before it is shed with "
+                                                  "503 + Retry-After.")] = 0.5,
     rate_limit: Annotated[float, typer.Option(help="Requests/s per API key (one token bucket shared by the ingress "
                                               "replicas; 429 + Retry-After above); 0: off.")] = 0.0,
     rate_burst: Annotated[int, typer.Option(help="Token bucket size (0: 2 x --rate-limit).")] = 0,

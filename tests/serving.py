@@ -77,7 +77,7 @@ def served() -> dict[str, Any]:
     # tests deploy their engines beside this app in the session's 2 CPUs)
     cfg = ServeConfig(registry=str(data["registry"]), api_key=API_KEY, max_upload_bytes=MAX_UPLOAD, max_cells=5000,
                       max_json_cells=MAX_JSON_CELLS, replica_cpus=0.25, min_replicas=2, max_replicas=2,
-                      ingress_replicas=2, max_batch_size=4, batch_wait_timeout_s=0.005, max_queue_wait_s=2.0)
+                      ingress_replicas=2, max_batch_size=4, batch_wait_timeout_s=0.005)
     run_app(cfg, host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

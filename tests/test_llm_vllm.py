@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,22 +27,17 @@ from scdrugmap_ray.engine.errors import UserError
 from scdrugmap_ray.engine.llm.client import HttpChatBackend
 from scdrugmap_ray.engine.llm.predict import PromptSettings, predict_prompts
 from scdrugmap_ray.engine.models.llama import Llama
+from scdrugmap_ray.serve.proxy import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VllmServer:
     """vLLM's OpenAI-compatible server in a subprocess (its own process group), on localhost."""
 
     def __init__(self, checkpoint: Path, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -213,7 +207,7 @@ def test_retries_on_429_and_5xx(server: VllmServer) -> None:
 
 
 def test_endpoint_down_timeouts_key_and_model(server: VllmServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    down = HttpChatBackend(base_url=f"http://127.0.0.1:{_free_port()}/v1", model=MODEL, api_key_env=None,
+    down = HttpChatBackend(base_url=f"http://127.0.0.1:{free_port()}/v1", model=MODEL, api_key_env=None,
                            max_retries=2, backoff_s=0.05)
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"failed after 3 attempts.*ConnectError"):
