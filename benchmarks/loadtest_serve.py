@@ -117,11 +117,12 @@ def main() -> None:
         shed_fast = sum(t < 1.0 for t in res.shed_latencies) / max(res.shed, 1)
         log.info("%sx offered_rps=%.1f ok_rps=%.1f p50_ms=%.0f p99_ms=%.0f shed_fraction=%.3f shed_p99_ms=%.0f "
                  "shed_within_1s=%.2f retry_after_missing=%d errors=%d cells_missing=%d statuses=%s "
-                 "healthz_worst_ms=%.0f healthz_failures=%d rss_mb_before=%.0f rss_mb_after=%.0f", f"{mult:g}",
+                 "healthz_worst_ms=%.0f healthz_failures=%d rss_mb_before=%.0f rss_mb_after=%.0f "
+                 "client_lag_ms=%.0f", f"{mult:g}",
                  res.requests / args.duration, res.ok / res.seconds, res.p(50), res.p(99),
                  res.shed / max(res.requests, 1), res.p(99, shed=True), shed_fast, res.retry_after_missing,
                  res.errors, res.missing, dict(sorted(res.statuses.items())), probe.worst * 1000, probe.failures,
-                 before / 2**20, after / 2**20)
+                 before / 2**20, after / 2**20, res.client_lag_s * 1000)
     log.info("server RSS at start %.0f MB, at the end %.0f MB; unloaded p99 %.0f ms", rss0 / 2**20,
              server_rss() / 2**20, unloaded.p(99))
     ray.shutdown()

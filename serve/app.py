@@ -522,16 +522,24 @@ def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
             (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
+#: how long a request may wait in a line that has not moved at all: every slot held by requests that a stall
+#: holds, not by load (measured: a predictor replica's core worker blocked ~2 s reporting a result to an
+#: ingress replica that had just died, and the requests in it with it)
+STALL_WAIT_S = 3.0
+
+
 class Admission:
     """The model-request slots of one ingress replica: ``limit`` run at once; up to ``waiting`` more wait in
-    line (first come, first served) for at most ``max_wait_s`` each; the rest are refused at once. A short
-    wait absorbs a burst the predictors clear in a moment (closed-loop clients, the seconds after an
-    ingress replica died and its clients moved here) and a full line under overload sheds in milliseconds,
-    so an accepted request never waits longer than ``max_wait_s`` here. Event-loop only (no lock needed)."""
+    line (first come, first served); the rest are refused at once. A waiting request is refused after
+    ``max_wait_s`` if slots were freed meanwhile (the line moves, too slowly: load), or after
+    ``STALL_WAIT_S`` if none was (a stall: shedding would turn a fault into a 5xx). A short line absorbs a
+    burst the predictors clear in a moment (closed-loop clients; the clients of an ingress replica that died
+    moving here) and a full line under overload sheds in milliseconds. Event-loop only (no lock needed)."""
 
     def __init__(self, limit: int, waiting: int, max_wait_s: float) -> None:
         self.limit, self.waiting, self.max_wait_s = max(1, limit), max(0, waiting), max_wait_s
         self.running = 0
+        self.freed = 0  # slots given back so far: tells a moving line from a stuck one
         self._line: deque[asyncio.Future[None]] = deque()
 
     async def enter(self) -> bool:
@@ -543,8 +551,14 @@ class Admission:
             return False
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._line.append(turn)
+        freed = self.freed
         try:
-            await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
+            try:
+                await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
+            except TimeoutError:
+                if turn.done() or self.freed != freed:  # served as the wait ended, or the line moved: load
+                    raise
+                await asyncio.wait_for(asyncio.shield(turn), max(0.0, STALL_WAIT_S - self.max_wait_s))
             return True
         except TimeoutError:
             if turn.done():  # handed a slot as the wait ended: keep it
@@ -561,6 +575,7 @@ class Admission:
             raise
 
     def leave(self) -> None:
+        self.freed += 1
         while self._line:  # hand the slot to the first request still waiting
             turn = self._line.popleft()
             if not turn.done():
@@ -791,7 +806,8 @@ class Predictor:
         # the LRU size and the batch shape come from the config, so they are set per replica (Serve
         # detects a multiplexed function stored on the instance, and batch handlers take new sizes)
         self.get_model = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
-        self._batched.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
+        # a batch holds at most what the replica works on at once (on CPU fewer than max_batch_size)
+        self._batched.set_max_batch_size(min(cfg.max_batch_size, cfg.predictor_ongoing))  # type: ignore[attr-defined]
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def check_health(self) -> None:
@@ -1190,9 +1206,9 @@ def build_app(cfg: ServeConfig) -> Any:
         health_check_period_s=2.0,
         **({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}),
     )(Predictor)
-    # Shedding costs least at the proxy (headers only, no body forwarded): the ingress takes a bounded number
-    # of requests (its Guard sheds model requests above ``ingress_admit``, keeping slots for /healthz,
-    # /readyz and the page) and the proxy's queue in front of it is short (then 503 + Retry-After).
+    # Shedding costs least before a body is read: the ingress's Guard runs ``ingress_admit`` model requests,
+    # holds ``ingress_waiting`` more in its line and refuses the rest (its other slots stay free for /healthz,
+    # /readyz and the page); Serve's own queue in front of the replica is short (then 503 + Retry-After).
     ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
                                num_replicas=cfg.ingress_replicas,
                                max_ongoing_requests=cfg.ingress_admit + cfg.ingress_waiting + 16,

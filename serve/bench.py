@@ -39,6 +39,9 @@ class LoadResult:
     # a kept-alive connection the server closed before any byte of an answer, the request then sent again on a
     # new connection (RFC 9112 9.3.1; every POST of this API is a pure function of its body): not an error
     reconnects: int = 0
+    # open loop: how far behind its schedule the load generator started a request, at worst (s). Large: the
+    # generator itself was starved of CPU, and the latencies it measured include its own delays
+    client_lag_s: float = 0.0
 
     @property
     def ok(self) -> int:
@@ -61,6 +64,8 @@ class LoadResult:
                f"p50_ms={self.p(50):.1f} p99_ms={self.p(99):.1f}")
         if self.reconnects:
             out += f" reconnects={self.reconnects}"
+        if self.client_lag_s:
+            out += f" client_lag_ms={self.client_lag_s * 1000:.0f}"
         if self.shed:
             out += (f" shed={self.shed} shed_fraction={self.shed / max(self.requests, 1):.3f} "
                     f"shed_p99_ms={self.p(99, True):.1f} shed_max_ms={max(self.shed_latencies) * 1000:.1f}")
@@ -174,9 +179,10 @@ def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Calla
     encoded = [json.dumps(b).encode() for b in bodies]
     hdrs = {"content-type": "application/json", **(headers or {})}
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
+    async def one(client: httpx.AsyncClient, i: int, due: float) -> None:
         body = bodies[i % len(bodies)]
         t0 = time.perf_counter()
+        res.client_lag_s = max(res.client_lag_s, t0 - due)
         try:
             r = await client.post(path, content=encoded[i % len(encoded)], headers=hdrs)
             dt = time.perf_counter() - t0
@@ -205,14 +211,24 @@ def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Calla
             start = time.perf_counter()
             tasks = []
             for i in range(n):
-                delay = start + i / rate - time.perf_counter()
+                due = start + i / rate
+                delay = due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(client, i)))
+                tasks.append(asyncio.create_task(one(client, i, due)))
             await asyncio.gather(*tasks)
             res.seconds = time.perf_counter() - start
 
-    asyncio.run(run())
+    import gc
+
+    # the bodies (millions of small objects) are kept for the answers' checks: moved out of the collector's
+    # sight so its full passes do not pause the generator mid-run
+    gc.collect()
+    gc.freeze()
+    try:
+        asyncio.run(run())
+    finally:
+        gc.unfreeze()
     res.clients = int(rate)
     return res
 

@@ -20,6 +20,7 @@ from serving import API_KEY, HAPROXY, free_port, served
 pytestmark = pytest.mark.slow
 H = {"X-API-Key": API_KEY}
 REPO = Path(__file__).resolve().parents[1]
+N_KILL_LOAD = 480  # requests of the load a replica is killed under
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,14 @@ def _running(deployment: str) -> int:
 
 
 def _kill_under_load(app: dict[str, Any], deployment: str, shed_ok: bool = False) -> tuple[Any, float]:
-    """Bounded load (4 clients, 160 requests of 20 cells); one ``deployment`` replica killed 2 s in. Returns
+    """Bounded load (4 clients, 480 requests of 20 cells); one ``deployment`` replica killed 2 s in. Returns
     the load result and the seconds until the app was back at full strength (a new replica RUNNING, /readyz
     200). The service itself stays up meanwhile: the load's answers show it."""
     import ray
     from scdrugmap_ray.serve.bench import drive, request_bodies
     from scdrugmap_ray.serve.bench import predicted_cells as _predicted_cells
 
-    bodies = request_bodies(app["h5ad"], "pca-sim", 160, 20)
+    bodies = request_bodies(app["h5ad"], "pca-sim", N_KILL_LOAD, 20)
     out: dict[str, Any] = {}
     load = threading.Thread(target=lambda: out.update(res=drive(
         app["url"], "/v1/predict", bodies, _predicted_cells, clients=4, timeout_s=120, headers=H,
@@ -61,6 +62,8 @@ def _kill_under_load(app: dict[str, Any], deployment: str, shed_ok: bool = False
     ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
     killed = time.monotonic()
     load.join(timeout=180)
+    # the premise: the load went on well past the kill (at ~80 requests/s here it lasts about 6 s)
+    assert out["res"].seconds > 4.0, f"the load ended {out['res'].seconds:.1f} s in: too short to meet the kill"
     deadline = killed + 90
     # back: the killed replica is gone from the list, its replacement is RUNNING (right after the kill the
     # controller may not have noticed yet and still counts two RUNNING), and the app is ready
@@ -75,7 +78,7 @@ def _kill_under_load(app: dict[str, Any], deployment: str, shed_ok: bool = False
 def test_predictor_replica_killed_under_load_costs_no_client_an_error(app: dict[str, Any]) -> None:
     res, back_s = _kill_under_load(app, "Predictor")
     # a prediction is a pure function of its input: the ingress retries it on the other replica
-    assert res.errors == 0 and res.missing == 0 and res.ok == 160, (res.line(), res.statuses)
+    assert res.errors == 0 and res.missing == 0 and res.ok == N_KILL_LOAD, (res.line(), res.statuses)
     # the service never went away (every request above answered); the replacement replica starts a process
     # and imports torch: 10-16 s measured on the shared 2-core machine
     print(f"predictor replica replaced after {back_s:.1f} s")
@@ -93,13 +96,13 @@ def test_ingress_replica_killed_under_load_costs_no_client_an_error(app: dict[st
         # set changes) answers nothing; the client sends it again on a new connection (serve/bench.drive
         # counts it in `reconnects`; seen once in a whole-suite run)
         assert res.reconnects <= 4, (res.line(), res.statuses)
-        assert res.statuses == {200: 160} and res.errors == 0 and res.missing == 0, (res.line(), res.statuses)
+        assert res.statuses == {200: N_KILL_LOAD} and res.errors == 0 and res.missing == 0, (res.line(), res.statuses)
     else:
         # Ray's default proxy does not retry a request whose ingress replica died after taking it: at most the
         # requests in flight on it at that moment (4 clients) fail (500, or 408 when the proxy gave up waiting)
         lost = sum(n for code, n in res.statuses.items() if code != 200)
         assert set(res.statuses) <= {200, 500, 408, 503} and lost <= 4, (res.line(), res.statuses)
-        assert res.ok == 160 - lost and res.missing == 0, (res.line(), res.statuses)
+        assert res.ok == N_KILL_LOAD - lost and res.missing == 0, (res.line(), res.statuses)
     assert back_s < 60, f"ingress back after {back_s:.1f} s"
     from scdrugmap_ray.serve.bench import load_test
 
@@ -113,8 +116,10 @@ def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
     from scdrugmap_ray.serve.bench import predicted_cells as _predicted_cells
 
     bodies = request_bodies(app["h5ad"], "pca-sim", 200, 200)
-    rss0 = server_rss()
+    # the unloaded run first: it also loads the model into the replicas that replaced the killed ones, so the
+    # RSS compared is that of a warm server
     unloaded = drive(app["url"], "/v1/predict", bodies[:20], _predicted_cells, clients=1, timeout_s=60, headers=H)
+    rss0 = server_rss()
     cap = drive(app["url"], "/v1/predict", bodies[:80], _predicted_cells, clients=8, timeout_s=60, headers=H,
                 shed_ok=True)
     capacity = cap.ok / cap.seconds
@@ -124,19 +129,26 @@ def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
     print(info)
     assert set(res.statuses) <= {200, 503, 429} and res.errors == 0 and res.missing == 0, info
     assert res.shed > 0 and res.retry_after_missing == 0, info
-    # NOT asserted: the issue's latency goals (every answer within 2 s, accepted p99 under 2x the unloaded
-    # p99) and goodput at capacity. On this shared 2-core machine Ray's Python proxy and the load generator
-    # themselves saturated at 4x (each ~0.8 MB body is read before any replica can shed it): goodput 0.4-0.7x
-    # capacity, answers taking 10-40 s. Behind HAProxy (serve/proxy.py), measured in three runs: goodput
-    # 0.7-1.4x capacity, accepted p99 2.1-2.5 s, slowest answer 2.9-3.4 s; the figures are printed above.
-    assert max(res.latencies + res.shed_latencies) < 60.0, info
+    # the issue's goal "every answer within 2 s": the ingress's line holds a request at most max_queue_wait_s
+    # (0.5 s) while it moves and refuses at once when full. Measured here: slowest shed 0.1-0.3 s, slowest
+    # accepted under 1 s. Checked when the load generator kept its schedule: on 2 cores it can itself be
+    # starved (seen once: 46 s to send 30 s of load, its own delays in every latency it measured)
+    slowest = max(res.latencies + res.shed_latencies)
+    if res.client_lag_s < 0.5:
+        assert slowest < 2.0, info
+    else:
+        print(f"the load generator fell {res.client_lag_s:.1f} s behind its schedule: the 2 s bound is not "
+              f"measurable in this run (slowest answer {slowest:.1f} s)")
+        assert slowest < 60.0, info
+    # NOT asserted: the issue's "accepted p99 under 2x the unloaded p99". Measured here 4-9x (accepted p99
+    # 0.47-0.61 s against an unloaded p99 of 69-76 ms): on this 2-core machine the load generator, HAProxy
+    # and the ingress replicas refusing ~90 requests/s share the cores with the predictors (issue 19 stays open)
     time.sleep(5)
     rss1 = server_rss()
     print(f"server RSS {rss0 / 2**20:.0f} MB before the burst, {rss1 / 2**20:.0f} MB 5 s after "
           f"({(rss1 / rss0 - 1) * 100:+.0f}%)")
-    # the issue's goal is within 20%; measured here +13% to +22% (Serve's proxy and replicas keep some of the
-    # burst's heap), so the test holds the bound this machine meets: NOT the goal (issue 19 stays open on it)
-    assert rss1 < 1.35 * rss0, f"server RSS {rss0 / 2**20:.0f} MB -> {rss1 / 2**20:.0f} MB after the burst; {info}"
+    # the issue's goal: back within 20% of the start
+    assert rss1 < 1.2 * rss0, f"server RSS {rss0 / 2**20:.0f} MB -> {rss1 / 2**20:.0f} MB after the burst; {info}"
 
 
 def _post(client: httpx.Client, body: dict[str, Any], log: list[tuple[str, float]]) -> None:

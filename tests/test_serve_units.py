@@ -33,13 +33,18 @@ def test_admission_runs_limit_holds_a_line_and_refuses_the_rest() -> None:
     assert float(log[0].split()[2]) < 0.05
 
 
-def test_admission_wait_is_bounded_and_a_gone_client_gives_its_place_back() -> None:
+def test_admission_wait_is_bounded_and_a_gone_client_gives_its_place_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scdrugmap_ray.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "STALL_WAIT_S", 0.3)
+
     async def scenario() -> None:
+        loop = asyncio.get_running_loop()
         slots = Admission(limit=1, waiting=2, max_wait_s=0.1)
         assert await slots.enter()
-        t0 = asyncio.get_running_loop().time()
-        assert not await slots.enter()  # waited max_wait_s, then refused
-        assert 0.09 < asyncio.get_running_loop().time() - t0 < 1.0
+        t0 = loop.time()
+        assert not await slots.enter()  # the line never moved: a stall is waited out up to STALL_WAIT_S
+        assert 0.29 < loop.time() - t0 < 1.5
         gone = asyncio.create_task(slots.enter())  # a client that disconnects while waiting
         await asyncio.sleep(0.01)
         gone.cancel()
@@ -48,6 +53,33 @@ def test_admission_wait_is_bounded_and_a_gone_client_gives_its_place_back() -> N
         assert not slots._line
         slots.leave()
         assert slots.running == 0 and await slots.enter()  # the slot was not lost to the gone waiter
+
+    asyncio.run(scenario())
+
+
+def test_admission_tells_a_stall_from_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stall (no slot freed while a request waits) is waited out; a line that moves but too slowly for a
+    request (load) refuses it after max_wait_s."""
+    import scdrugmap_ray.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "STALL_WAIT_S", 2.0)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        slots = Admission(limit=1, waiting=2, max_wait_s=0.1)
+        assert await slots.enter()
+        stalled = asyncio.create_task(slots.enter())
+        await asyncio.sleep(0.4)  # longer than max_wait_s, nothing freed: still waiting
+        assert not stalled.done()
+        slots.leave()  # the stall ends: the waiter gets the slot
+        assert await stalled
+        behind = [asyncio.create_task(slots.enter()) for _ in range(2)]  # the line moves, slowly
+        await asyncio.sleep(0.05)
+        t0 = loop.time()
+        slots.leave()  # the first in line gets it, the second keeps waiting...
+        assert await behind[0]
+        assert not await behind[1]  # ...and is refused at max_wait_s: the line moved, too slowly
+        assert loop.time() - t0 < 0.5
 
     asyncio.run(scenario())
 
