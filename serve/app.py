@@ -24,7 +24,8 @@ the predictor, the JSON head in the schema metadata key ``scdrugmap``). Streams 
 
 Load: every deployment has bounded ``max_ongoing_requests`` and ``max_queued_requests``. Each ingress replica
 runs its share of the predictors' slots and holds a short line (``Admission``): a model request waits there
-at most ``max_queue_wait_s`` for a slot, and one that finds the line full is answered ``503`` +
+at most ``max_queue_wait_s`` for a slot while the line moves (up to ``STALL_WAIT_S`` while no slot is freed:
+a stall, not load), and one that finds the line full is answered ``503`` +
 ``Retry-After`` at once, before its body is read; so accepted requests never wait long and shed ones hear
 it in milliseconds. On CPU a predictor works on ``CPU_ONGOING`` (2) requests at once by default (on a GPU,
 a batch). Each predictor call has a deadline (``request_timeout_s``) and the proxy has an end-to-end timeout.
@@ -109,8 +110,7 @@ BEARER = HTTPBearer(auto_error=False, description="the API key as a Bearer token
 
 
 #: requests a CPU predictor replica works on at once by default: one computes while the next is read and
-#: parsed. Measured at 4x capacity (pca-logreg, 200 cells a request, 2 predictor and 2 ingress replicas, a
-#: 2-core machine): 4 at once gave accepted p99 1.1 s, 2 gave 0.5 s, at the same throughput
+#: parsed; more only interleaves them on the replica's core (figures: README, benchmarks/loadtest_serve.py)
 CPU_ONGOING = 2
 
 
@@ -258,9 +258,9 @@ def parse_json_cells(raw: bytes, max_cells: int, extra_fields: tuple[str, ...] =
                      default_model: str | None = None) -> Cells:
     """JSON cells (``PredictRequest``) from the raw body: strict types, no duplicated keys, no NaN; CPU work
     (runs in a thread of a predictor replica). A body that passes every check takes the fast path (pydantic
-    parses and validates it in Rust, the matrix is built with numpy): 200 cells x 140 genes in about a
-    third of the time of Python's json with a hook per object. Anything else goes through the checked path,
-    which finds the first problem and names it."""
+    parses and validates it in Rust, the matrix is built with numpy; benchmarks/serve_parse.py: 200 cells of
+    ~270 values, 26 against 39 CPU ms). Anything else goes through the checked path, which finds the first
+    problem and names it."""
     if not extra_fields and default_model is None:
         fast = _parse_fast(raw, max_cells)
         if fast is not None:
@@ -505,7 +505,6 @@ class _Runtime:
     def __init__(self) -> None:
         self.draining = False
         self.inflight = 0
-        self.heavy = 0
 
 
 RUNTIME = _Runtime()
@@ -622,11 +621,9 @@ class Guard:
                                             "this replica, its line full); retry after the Retry-After seconds",
                                  headers=[*extra, (b"retry-after", b"1")])
                 return
-            RUNTIME.heavy += heavy
             try:
                 await self.app(scope, receive, secured)
             finally:
-                RUNTIME.heavy -= heavy
                 if heavy:
                     self.slots.leave()
         finally:

@@ -130,8 +130,8 @@ def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
     assert set(res.statuses) <= {200, 503, 429} and res.errors == 0 and res.missing == 0, info
     assert res.shed > 0 and res.retry_after_missing == 0, info
     # the issue's goal "every answer within 2 s": the ingress's line holds a request at most max_queue_wait_s
-    # (0.5 s) while it moves and refuses at once when full. Measured here: slowest shed 0.1-0.3 s, slowest
-    # accepted under 1 s. Checked when the load generator kept its schedule: on 2 cores it can itself be
+    # (0.5 s) while it moves and refuses at once when full. Measured here (five runs): slowest shed 0.09-0.53 s,
+    # accepted p99 0.52-0.77 s. Checked when the load generator kept its schedule: on 2 cores it can itself be
     # starved (seen once: 46 s to send 30 s of load, its own delays in every latency it measured)
     slowest = max(res.latencies + res.shed_latencies)
     if res.client_lag_s < 0.5:
@@ -140,8 +140,8 @@ def test_overload_is_shed_fast_and_memory_returns(app: dict[str, Any]) -> None:
         print(f"the load generator fell {res.client_lag_s:.1f} s behind its schedule: the 2 s bound is not "
               f"measurable in this run (slowest answer {slowest:.1f} s)")
         assert slowest < 60.0, info
-    # NOT asserted: the issue's "accepted p99 under 2x the unloaded p99". Measured here 4-9x (accepted p99
-    # 0.47-0.61 s against an unloaded p99 of 69-76 ms): on this 2-core machine the load generator, HAProxy
+    # NOT asserted: the issue's "accepted p99 under 2x the unloaded p99". Measured here 7-11x (accepted p99
+    # 0.52-0.77 s against an unloaded p99 of 58-88 ms): on this 2-core machine the load generator, HAProxy
     # and the ingress replicas refusing ~90 requests/s share the cores with the predictors (issue 19 stays open)
     time.sleep(5)
     rss1 = server_rss()
