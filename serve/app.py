@@ -276,29 +276,39 @@ def _parse_fast(raw: bytes, max_cells: int) -> Cells | None:
         return None
     if len(req.cells) > max_cells or b"\\u" in raw:  # \uXXXX escapes could hide a ':' from the count below
         return None
+    flat = _flatten(req)
     # No duplicated key: pydantic keeps a repeated key's last value silently. Outside strings every ':' of
     # valid JSON follows a key and inside them a ':' is itself (no escapes above), so the body's ':' count
     # equals the keys plus the colons of the strings kept exactly when nothing was dropped
+    _, genes, _, per_cell = flat
     strings = [req.model, *(c.cell_id for c in req.cells if c.cell_id is not None)]
-    keys = len(req.model_fields_set) + sum(len(c.model_fields_set) + len(c.expression) for c in req.cells)
-    colons = "".join(strings).count(":") + "".join(g for c in req.cells for g in c.expression).count(":")
-    if raw.count(b":") != keys + colons:
+    keys = len(req.model_fields_set) + sum(len(c.model_fields_set) for c in req.cells) + int(per_cell.sum())
+    if raw.count(b":") != keys + "".join(strings).count(":") + "".join(genes).count(":"):
         return None
-    return _cells_of(req)
+    return _cells_of(req, flat)
 
 
-def _cells_of(req: PredictRequest) -> Cells | None:
-    """The request's cells as a CSR matrix over the genes with a non-zero value (in order of first
-    appearance); None if a value is not a number in [0, 2**53) (``_bad_value`` names it)."""
+_Flat = tuple[list[str], list[str], list[Any], np.ndarray]  # cell ids, genes, values, genes per cell
+
+
+def _flatten(req: PredictRequest) -> _Flat:
+    """The request's cells in one pass: their ids, and every (gene, value) pair in order, cell after cell."""
     ids: list[str] = []
     genes: list[str] = []
-    values: list[float] = []
+    values: list[Any] = []
     per_cell = np.empty(len(req.cells), dtype=np.int64)
     for i, cell in enumerate(req.cells):
         ids.append(cell.cell_id if cell.cell_id is not None else f"cell{i}")
         genes.extend(cell.expression)
         values.extend(cell.expression.values())
         per_cell[i] = len(cell.expression)
+    return ids, genes, values, per_cell
+
+
+def _cells_of(req: PredictRequest, flat: _Flat) -> Cells | None:
+    """The request's cells (``_flatten``) as a CSR matrix over the genes with a non-zero value (in order of
+    first appearance); None if a value is not a number in [0, 2**53) (``_bad_value`` names it)."""
+    ids, genes, values, per_cell = flat
     try:
         v = np.asarray(values, dtype=np.float64)
     except OverflowError:  # an integer beyond float range
@@ -358,7 +368,7 @@ def _parse_checked(raw: bytes, max_cells: int, extra_fields: tuple[str, ...],
         req = PredictRequest.model_validate(body)
     except ValidationError as err:
         raise RequestError(422, _one_line(err)) from None
-    out = _cells_of(req)
+    out = _cells_of(req, _flatten(req))
     if out is None:
         raise _bad_value(req)
     out.extra = extra

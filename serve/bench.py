@@ -6,6 +6,7 @@ answer: for POST /v1/predict, JSON cells taken from a real .h5ad must all come b
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -218,8 +219,6 @@ def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Calla
                 tasks.append(asyncio.create_task(one(client, i, due)))
             await asyncio.gather(*tasks)
             res.seconds = time.perf_counter() - start
-
-    import gc
 
     # the bodies (millions of small objects) are kept for the answers' checks: moved out of the collector's
     # sight so its full passes do not pause the generator mid-run
