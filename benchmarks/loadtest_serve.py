@@ -4,7 +4,11 @@ Ray) with a small registry model, measure the unloaded latency (1 client) and th
 each multiple of that capacity for ``--duration`` seconds. Per phase it prints: offered and answered req/s,
 p50/p99 of the accepted requests, the shed fraction (503/429, each with Retry-After) and how fast the shed
 answers came, errors (any other outcome: target 0), cells not answered (target 0), the worst /healthz
-latency seen by a probe during the phase, and the server's RSS before and 5 s after.
+latency seen by a probe during the phase, the server's RSS before and 5 s after, the CPU cores each kind of
+server process used (``server_cores``), and the ratio of the accepted p99 to the unloaded p99. The open-loop
+requests send ``Expect: 100-continue`` (``--no-expect-continue``: not), so a shed request's body is not
+uploaded. On a machine of few cores, size the server to it (``--replicas 1 --ingress-replicas 1 --replica-cpus
+1`` on 2 cores): every predictor replica keeps a core busy under load.
 
     .venv/bin/python benchmarks/loadtest_serve.py [--cells-per-request 100] [--duration 20] [--multipliers 1,2,4]
 
@@ -58,7 +62,9 @@ def main() -> None:
     ap.add_argument("--cells-per-request", type=int, default=100)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of open-loop load per multiple")
     ap.add_argument("--multipliers", default="1,2,4")
-    ap.add_argument("--capacity-clients", type=int, default=8)
+    ap.add_argument("--capacity-clients", type=int, default=0,
+                    help="closed-loop clients measuring the capacity (0: as many as the server holds without "
+                         "refusing: more would be shed, and the answered rate would understate the capacity)")
     ap.add_argument("--capacity-requests", type=int, default=80)
     ap.add_argument("--replicas", type=int, default=2, help="predictor replicas")
     ap.add_argument("--ingress-replicas", type=int, default=2)
@@ -66,7 +72,10 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-queue-wait", type=float, default=0.5)
     ap.add_argument("--max-ongoing", type=int, default=0, help="requests a predictor replica works on at once "
-                    "(0: the server's default, 2 on CPU)")
+                    "(0: the server's default, 1 on CPU)")
+    ap.add_argument("--no-expect-continue", action="store_true",
+                    help="send the open-loop bodies without 'Expect: 100-continue' (a shed request's body is then "
+                         "uploaded anyway)")
     ap.add_argument("--model", default="pca-logreg")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--proxy", choices=("haproxy", "default"), default="haproxy",
@@ -78,7 +87,15 @@ def main() -> None:
     import ray
     from scdrugmap_ray.engine.runtime import init_ray
     from scdrugmap_ray.serve.app import ServeConfig, run_app
-    from scdrugmap_ray.serve.bench import demo_registry, drive, open_loop, predicted_cells, request_bodies, server_rss
+    from scdrugmap_ray.serve.bench import (
+        demo_registry,
+        drive,
+        open_loop,
+        predicted_cells,
+        request_bodies,
+        server_cpu,
+        server_rss,
+    )
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="scdrugmap-loadtest-"))
     _, registry = demo_registry(work, 6000, 1000, args.model)
@@ -101,28 +118,35 @@ def main() -> None:
     drive(url, "/v1/predict", bodies[:8], predicted_cells, clients=2, timeout_s=120)  # warm-up: model load
     time.sleep(3)
     rss0 = server_rss()
-    unloaded = drive(url, "/v1/predict", bodies[:30], predicted_cells, clients=1, timeout_s=120, label="unloaded")
+    # 200 requests: a p99 needs more than a hundred samples to be more than the slowest one
+    unloaded = drive(url, "/v1/predict", bodies[:200], predicted_cells, clients=1, timeout_s=120, label="unloaded")
     log.info("%s", unloaded.line())
-    cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], predicted_cells, clients=args.capacity_clients,
-                timeout_s=300, label="capacity", shed_ok=True)
+    holds = (cfg.ingress_admit + cfg.ingress_waiting) * cfg.ingress_replicas
+    cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], predicted_cells,
+                clients=args.capacity_clients or holds, timeout_s=300, label="capacity", shed_ok=True)
     capacity = cap.ok / cap.seconds
     log.info("%s -> capacity %.1f req/s", cap.line(), capacity)
     for mult in (float(m) for m in args.multipliers.split(",")):
-        before = server_rss()
+        before, cpu0 = server_rss(), server_cpu()
         with HealthProbe(url) as probe:
             res = open_loop(url, "/v1/predict", bodies, predicted_cells, rate=mult * capacity,
-                            duration_s=args.duration, timeout_s=60, label=f"{mult:g}x")
+                            duration_s=args.duration, timeout_s=60, label=f"{mult:g}x",
+                            expect_continue=not args.no_expect_continue)
+        cpu1 = server_cpu()
+        cores = {k: round((v - cpu0.get(k, 0.0)) / res.seconds, 2) for k, v in sorted(cpu1.items())
+                 if v - cpu0.get(k, 0.0) > 0.01 * res.seconds}
         time.sleep(5)
         after = server_rss()
         shed_fast = sum(t < 1.0 for t in res.shed_latencies) / max(res.shed, 1)
         log.info("%sx offered_rps=%.1f ok_rps=%.1f p50_ms=%.0f p99_ms=%.0f shed_fraction=%.3f shed_p99_ms=%.0f "
                  "shed_within_1s=%.2f retry_after_missing=%d errors=%d cells_missing=%d statuses=%s "
                  "healthz_worst_ms=%.0f healthz_failures=%d rss_mb_before=%.0f rss_mb_after=%.0f "
-                 "client_lag_ms=%.0f", f"{mult:g}",
+                 "client_lag_ms=%.0f server_cores=%s", f"{mult:g}",
                  res.requests / args.duration, res.ok / res.seconds, res.p(50), res.p(99),
                  res.shed / max(res.requests, 1), res.p(99, shed=True), shed_fast, res.retry_after_missing,
                  res.errors, res.missing, dict(sorted(res.statuses.items())), probe.worst * 1000, probe.failures,
-                 before / 2**20, after / 2**20, res.client_lag_s * 1000)
+                 before / 2**20, after / 2**20, res.client_lag_s * 1000, cores)
+        log.info("%sx accepted p99 / unloaded p99: %.2f", f"{mult:g}", res.p(99) / max(unloaded.p(99), 1e-9))
     log.info("server RSS at start %.0f MB, at the end %.0f MB; unloaded p99 %.0f ms", rss0 / 2**20,
              server_rss() / 2**20, unloaded.p(99))
     ray.shutdown()

@@ -193,7 +193,9 @@ def serve_cmd(
     max_cells: Annotated[int, typer.Option(help="Most cells per request.")] = 200_000,
     min_replicas: Annotated[int, typer.Option(help="Predictor replicas, at least.")] = 1,
     max_replicas: Annotated[int, typer.Option(help="Predictor replicas, at most (autoscaling when > min).")] = 1,
-    target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica.")] = 4.0,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Autoscaling target per replica (0: "
+                                                         "--max-ongoing-requests: add replicas when they are "
+                                                         "full).")] = 0.0,
     max_models_per_replica: Annotated[int, typer.Option(help="Models kept loaded per replica (LRU).")] = 3,
     max_batch_size: Annotated[int, typer.Option(help="Requests batched together by a replica.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a replica waits to fill a batch.")] = 10.0,
@@ -202,11 +204,12 @@ def serve_cmd(
     ingress_replicas: Annotated[int, typer.Option(help="Ingress (HTTP) replicas: two, so one's death leaves "
                                                   "the other serving.")] = 2,
     max_ongoing_requests: Annotated[int, typer.Option(help="Requests one predictor replica works on at once "
-                                                      "(0: --max-batch-size with --replica-gpus, else 2).")] = 0,
+                                                      "(0: --max-batch-size with --replica-gpus, else 1).")] = 0,
     max_queued_requests: Annotated[int, typer.Option(help="Requests one ingress replica holds waiting for a "
-                                                     "predictor, each at most --max-queue-wait (0: as many as "
-                                                     "--max-ongoing-requests); more: 503 + Retry-After at "
-                                                     "once.")] = 0,
+                                                     "predictor slot, each at most --max-queue-wait (0: as "
+                                                     "many as it runs at once); a request finding the line full "
+                                                     "takes the place of the longest waiting, which gets 503 + "
+                                                     "Retry-After.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its prediction (503 "
                                                    "after); the proxy gives up 10 s later.")] = 30.0,
     max_queue_wait: Annotated[float, typer.Option(help="Seconds a model request may wait in its ingress "
@@ -346,21 +349,22 @@ def bench_serve(
     url: Annotated[str, typer.Option(help="The server, e.g. http://127.0.0.1:8000.")],
     model: Annotated[str, typer.Option(help="Model NAME[@VERSION] to call.")],
     data: Annotated[Path, typer.Option(help="An .h5ad whose cells make the requests.")],
-    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    clients: Annotated[int, typer.Option(help="Concurrent clients (those beyond what the server holds are shed: "
+                                         "503 + Retry-After, counted as shed, not as errors).")] = 8,
     requests: Annotated[int, typer.Option(help="Requests in all.")] = 200,
     cells_per_request: Annotated[int, typer.Option(help="Cells per request (JSON cells).")] = 16,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds in all.")] = 300.0,
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
 ) -> None:
     """Load test of POST /v1/predict: N concurrent clients, a fixed number of requests; requests/s, p50/p99
-    latency, errors, and whether every cell of every request was answered."""
+    latency, requests shed (503/429), errors, and whether every cell of every answered request came back."""
     import os
 
     from scdrugmap_ray.serve.bench import load_test
 
     key = os.environ.get(api_key_env) if api_key_env else None
     res = load_test(url, model, data, clients=clients, n_requests=requests, cells_per_request=cells_per_request,
-                    timeout_s=timeout, api_key=key)
+                    timeout_s=timeout, api_key=key, shed_ok=True)
     _say(res.line())
     if res.errors or res.missing:
         raise typer.Exit(1)

@@ -25,10 +25,11 @@ the predictor, the JSON head in the schema metadata key ``scdrugmap``). Streams 
 Load: every deployment has bounded ``max_ongoing_requests`` and ``max_queued_requests``. Each ingress replica
 runs its share of the predictors' slots and holds a short line (``Admission``): a model request waits there
 at most ``max_queue_wait_s`` for a slot while the line moves (up to ``STALL_WAIT_S`` while no slot is freed:
-a stall, not load), and one that finds the line full is answered ``503`` +
-``Retry-After`` at once, before its body is read; so accepted requests never wait long and shed ones hear
-it in milliseconds. On CPU a predictor works on ``CPU_ONGOING`` (2) requests at once by default (on a GPU,
-a batch). Each predictor call has a deadline (``request_timeout_s``) and the proxy has an end-to-end timeout.
+a stall, not load); one that finds the line full takes the place of the request that has waited longest,
+which is answered ``503`` + ``Retry-After`` (its body never read). Under overload accepted requests wait only
+behind the newest few and shed ones hear it in milliseconds. On CPU a predictor works on ``CPU_ONGOING`` (1)
+request at a time by default (on a GPU, a batch). Each predictor call has a deadline (``request_timeout_s``)
+and the proxy has an end-to-end timeout.
 An optional per-API-key token bucket answers ``429``: one bucket per key for all ingress replicas together,
 held by a small named Ray actor (one call per request); if that actor does not answer within 0.5 s the limit
 fails open to each replica's share (``rate / ingress_replicas``) until it does. A predictor replica that
@@ -109,9 +110,10 @@ KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the s
 BEARER = HTTPBearer(auto_error=False, description="the API key as a Bearer token")
 
 
-#: requests a CPU predictor replica works on at once by default: one computes while the next is read and
-#: parsed; more only interleaves them on the replica's core (figures: README, benchmarks/loadtest_serve.py)
-CPU_ONGOING = 2
+#: requests a CPU predictor replica works on at once by default: more only interleave on the replica's core
+#: (parsing holds the GIL), each taking as many times as long (compare: benchmarks/loadtest_serve.py
+#: --max-ongoing 2; figures in the README)
+CPU_ONGOING = 1
 
 
 @dataclass
@@ -123,7 +125,7 @@ class ServeConfig:
     max_json_cells: int = 50_000  # larger answers only as NDJSON (Accept: application/x-ndjson)
     min_replicas: int = 1
     max_replicas: int = 1
-    target_ongoing_requests: float = 4.0
+    target_ongoing_requests: float = 0.0  # autoscaling target per replica; 0: predictor_ongoing (scale when full)
     max_models_per_replica: int = 3
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
@@ -132,7 +134,7 @@ class ServeConfig:
     ingress_cpus: float = 0.0
     ingress_replicas: int = 2  # two: one replica's death leaves the other serving
     max_ongoing_requests: int = 0  # per predictor replica; 0: max_batch_size on GPU, CPU_ONGOING on CPU
-    max_queued_requests: int = 0  # per ingress replica, waiting (at most max_queue_wait_s); 0: the ongoing count
+    max_queued_requests: int = 0  # per ingress replica, waiting (at most max_queue_wait_s); 0: ingress_admit
     request_timeout_s: float = 30.0  # a predictor call's deadline (503 after it); the proxy's is 10 s more
     max_queue_wait_s: float = 0.5  # longest wait in an ingress's line for a predictor slot (then 503, unread)
     rate_limit: float = 0.0  # requests/s per API key, across all ingress replicas (SharedRateLimit); 0: off
@@ -157,19 +159,29 @@ class ServeConfig:
         return self.max_batch_size if self.replica_gpus else min(self.max_batch_size, CPU_ONGOING)
 
     @property
-    def predictor_queued(self) -> int:
-        return self.max_queued_requests or self.predictor_ongoing
-
-    @property
     def ingress_admit(self) -> int:
         """Model requests one ingress replica runs at once: its share of what the predictors run."""
         return math.ceil(self.predictor_ongoing * max(self.max_replicas, 1) / max(self.ingress_replicas, 1))
 
     @property
+    def predictor_accepts(self) -> int:
+        """Requests a predictor replica takes from the ingresses (Serve's ``max_ongoing_requests``); it works
+        on ``predictor_ongoing`` of them, the rest wait in the replica, first come first served. All that the
+        ingress replicas admit, spread over the replicas but one: Serve's router never has to hold a request
+        back from a full replica (it retries with a backoff of up to seconds), not when the shares of the slots
+        round up (one replica, two ingress replicas), nor while a replica that died is replaced."""
+        sent = self.ingress_admit * max(self.ingress_replicas, 1)
+        return max(self.predictor_ongoing, math.ceil(sent / max(self.min_replicas - 1, 1)))
+
+    @property
     def ingress_waiting(self) -> int:
-        """Model requests one ingress replica holds waiting for a slot, each at most ``max_queue_wait_s``;
-        above that a request is answered 503 at once, before its body is read."""
-        return self.predictor_queued
+        """Model requests one ingress replica holds waiting for a slot (``Admission``): as many as it runs,
+        so closed-loop clients up to twice the predictors' slots are never refused."""
+        return self.max_queued_requests or self.ingress_admit
+
+    @property
+    def autoscaling_target(self) -> float:
+        return self.target_ongoing_requests or float(self.predictor_ongoing)
 
 
 # ------------------------------------------------------------------------------- request bodies
@@ -539,48 +551,51 @@ STALL_WAIT_S = 3.0
 
 class Admission:
     """The model-request slots of one ingress replica: ``limit`` run at once; up to ``waiting`` more wait in
-    line (first come, first served); the rest are refused at once. A waiting request is refused after
-    ``max_wait_s`` if slots were freed meanwhile (the line moves, too slowly: load), or after
-    ``STALL_WAIT_S`` if none was (a stall: shedding would turn a fault into a 5xx). A short line absorbs a
-    burst the predictors clear in a moment (closed-loop clients; the clients of an ingress replica that died
-    moving here) and a full line under overload sheds in milliseconds. Event-loop only (no lock needed)."""
+    line, first come, first served. A request that finds the line full takes the place of the one that has
+    waited longest, which is refused (its client hears 503 at once; under overload the oldest is the likeliest
+    to be given up on, and what is accepted waits only for the newest few): so a full line is never a queue
+    that accepted requests stand in, and a line that never fills (closed-loop clients up to ``limit +
+    waiting``) refuses nobody. A waiting request is also refused after ``max_wait_s`` if slots were freed
+    meanwhile (the line moves, too slowly: load), or after ``STALL_WAIT_S`` if none was (a stall: shedding
+    would turn a fault into a 5xx). Event-loop only (no lock needed)."""
 
     def __init__(self, limit: int, waiting: int, max_wait_s: float) -> None:
         self.limit, self.waiting, self.max_wait_s = max(1, limit), max(0, waiting), max_wait_s
         self.running = 0
         self.freed = 0  # slots given back so far: tells a moving line from a stuck one
-        self._line: deque[asyncio.Future[None]] = deque()
+        self._line: deque[asyncio.Future[bool]] = deque()  # True: a slot handed over; False: pushed out
 
     async def enter(self) -> bool:
         """True: a slot is this request's (``leave`` gives it back); False: refused (at capacity)."""
         if self.running < self.limit and not self._line:
             self.running += 1
             return True
-        if len(self._line) >= self.waiting:
+        if not self.waiting:
             return False
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if len(self._line) >= self.waiting:  # full: the oldest waiter gives its place to this one
+            self._line.popleft().set_result(False)
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._line.append(turn)
         freed = self.freed
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
+                return await asyncio.wait_for(asyncio.shield(turn), self.max_wait_s)
             except TimeoutError:
-                if turn.done() or self.freed != freed:  # served as the wait ended, or the line moved: load
+                if turn.done() or self.freed != freed:  # decided as the wait ended, or the line moved: load
                     raise
-                await asyncio.wait_for(asyncio.shield(turn), max(0.0, STALL_WAIT_S - self.max_wait_s))
-            return True
+                return await asyncio.wait_for(asyncio.shield(turn), max(0.0, STALL_WAIT_S - self.max_wait_s))
         except TimeoutError:
-            if turn.done():  # handed a slot as the wait ended: keep it
-                return True
+            if turn.done():  # decided as the wait ended: keep what it says
+                return turn.result()
             turn.cancel()
             self._line.remove(turn)
             return False
         except asyncio.CancelledError:  # the client went away while waiting
-            if turn.done():
-                self.leave()
-            else:
+            if not turn.done():
                 turn.cancel()
                 self._line.remove(turn)
+            elif turn.result():
+                self.leave()
             raise
 
     def leave(self) -> None:
@@ -588,7 +603,7 @@ class Admission:
         while self._line:  # hand the slot to the first request still waiting
             turn = self._line.popleft()
             if not turn.done():
-                turn.set_result(None)
+                turn.set_result(True)
                 return
         self.running -= 1
 
@@ -805,6 +820,8 @@ class Predictor:
         self.registry = Registry(cfg.registry)
         self.device = "cuda" if cfg.replica_gpus and torch.cuda.is_available() else "cpu"
         self._vocab: dict[str, frozenset[str]] = {}
+        # the requests worked on at once (a batch on a GPU); the others Serve hands this replica wait here
+        self._working = asyncio.Semaphore(cfg.predictor_ongoing)
 
         async def load(model_id: str) -> LoadedModel:
             _, path = resolve(self.registry, model_id)
@@ -894,8 +911,9 @@ class Predictor:
         worker blocked ~2 s reporting to a caller that died, the router's failover when a predictor died):
         shedding it would turn a fault into a 5xx and free nothing."""
         try:
-            ans = await self._compute(req)
-            return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
+            async with self._working:
+                ans = await self._compute(req)
+                return {"status": 200, "body": await asyncio.to_thread(encode_json, ans)}
         except RequestError as err:
             return {"status": err.status, "error": err.message}
 
@@ -903,7 +921,8 @@ class Predictor:
         """A stream: first the status (a dict), then byte chunks. NDJSON: the head line, then one line per
         cell; Arrow IPC: the schema (the head in its metadata), record batches of NDJSON_CHUNK cells, EOS."""
         try:
-            ans = await self._compute(req)
+            async with self._working:
+                ans = await self._compute(req)
         except RequestError as err:
             yield {"status": err.status, "error": err.message}
             return
@@ -1119,7 +1138,7 @@ def build_app(cfg: ServeConfig) -> Any:
     num_replicas: int | None = cfg.min_replicas
     if cfg.max_replicas > cfg.min_replicas:
         autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                       "target_ongoing_requests": cfg.target_ongoing_requests}
+                       "target_ongoing_requests": cfg.autoscaling_target}
         num_replicas = None
     shed = {"status_code": 503, "retry_after_s": 1}
 
@@ -1206,8 +1225,10 @@ def build_app(cfg: ServeConfig) -> Any:
     predictor = serve.deployment(
         name="Predictor",
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-        max_ongoing_requests=cfg.predictor_ongoing,
-        max_queued_requests=cfg.predictor_queued,
+        max_ongoing_requests=cfg.predictor_accepts,
+        # a caller (an ingress replica) never has more outstanding than it admits: Serve's own queue in front
+        # of the replicas holds them all, and its backpressure (503) is a last resort
+        max_queued_requests=cfg.ingress_admit,
         backpressure_config=shed,
         graceful_shutdown_timeout_s=cfg.drain_grace_s,
         health_check_period_s=2.0,

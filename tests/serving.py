@@ -94,5 +94,8 @@ def served() -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise RuntimeError("the Serve app was not ready within 120 s")
         time.sleep(0.5)
-    _STATE.update(data, url=url)
+    # slots: requests the predictors work on at once; holds: what the ingress replicas take without refusing
+    # (their share of the slots and a line as long): closed-loop load up to `holds` clients is never shed
+    _STATE.update(data, url=url, slots=cfg.predictor_ongoing * cfg.max_replicas,
+                  holds=(cfg.ingress_admit + cfg.ingress_waiting) * cfg.ingress_replicas)
     return _STATE

@@ -11,26 +11,39 @@ import pytest
 from scdrugmap_ray.serve.app import Admission, RequestError, _parse_checked, _parse_fast, parse_json_cells
 
 
-def test_admission_runs_limit_holds_a_line_and_refuses_the_rest() -> None:
-    async def scenario() -> list[str]:
-        slots = Admission(limit=2, waiting=1, max_wait_s=5.0)
-        log: list[str] = []
+def test_admission_runs_limit_holds_a_line_and_a_full_line_pushes_out_its_oldest() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        slots = Admission(limit=2, waiting=2, max_wait_s=5.0)
         assert await slots.enter() and await slots.enter()  # two run
-        waiter = asyncio.create_task(slots.enter())  # the third waits in line
+        first = asyncio.create_task(slots.enter())  # two wait in line
+        second = asyncio.create_task(slots.enter())
         await asyncio.sleep(0.01)
-        assert not waiter.done() and slots.running == 2
-        t0 = asyncio.get_running_loop().time()
-        assert not await slots.enter()  # the line is full: refused at once
-        log.append(f"refused in {asyncio.get_running_loop().time() - t0:.3f} s")
-        slots.leave()  # a slot frees: handed to the waiter, the count of running stays
-        assert await waiter and slots.running == 2
+        assert not first.done() and not second.done() and slots.running == 2
+        t0 = loop.time()
+        third = asyncio.create_task(slots.enter())  # the line is full: the oldest waiter is refused at once
+        assert not await first
+        assert loop.time() - t0 < 0.05 and not third.done()
+        slots.leave()  # a slot frees: handed to the first still waiting, the count of running stays
+        assert await second and slots.running == 2 and not third.done()
         slots.leave()
-        slots.leave()
-        assert slots.running == 0
-        return log
+        assert await third
+        for _ in range(2):
+            slots.leave()
+        assert slots.running == 0 and not slots._line
 
-    log = asyncio.run(scenario())
-    assert float(log[0].split()[2]) < 0.05
+    asyncio.run(scenario())
+
+
+def test_admission_without_a_line_refuses_at_once() -> None:
+    async def scenario() -> None:
+        slots = Admission(limit=1, waiting=0, max_wait_s=5.0)
+        assert await slots.enter()
+        assert not await slots.enter()
+        slots.leave()
+        assert await slots.enter()
+
+    asyncio.run(scenario())
 
 
 def test_admission_wait_is_bounded_and_a_gone_client_gives_its_place_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,6 +95,22 @@ def test_admission_tells_a_stall_from_load(monkeypatch: pytest.MonkeyPatch) -> N
         assert loop.time() - t0 < 0.5
 
     asyncio.run(scenario())
+
+
+def test_serve_config_sizes_slots_lines_and_replica_intake() -> None:
+    from scdrugmap_ray.serve.app import ServeConfig
+
+    one = ServeConfig(registry="r")  # the CLI's defaults: one CPU predictor replica, two ingress replicas
+    assert (one.predictor_ongoing, one.ingress_admit, one.ingress_waiting) == (1, 1, 1)
+    # the two ingress replicas' shares round up: the replica takes both, works on one at a time
+    assert one.predictor_accepts == 2 and one.autoscaling_target == 1.0
+    two = ServeConfig(registry="r", min_replicas=2, max_replicas=2)
+    # a share of one slot each; either replica takes all that both ingress replicas send while the other is replaced
+    assert (two.ingress_admit, two.predictor_accepts) == (1, 2)
+    gpu = ServeConfig(registry="r", replica_gpus=1, max_batch_size=8)
+    assert (gpu.predictor_ongoing, gpu.ingress_admit, gpu.predictor_accepts) == (8, 4, 8)
+    own = ServeConfig(registry="r", max_ongoing_requests=3, max_queued_requests=5, target_ongoing_requests=2.5)
+    assert (own.predictor_ongoing, own.ingress_admit, own.ingress_waiting, own.autoscaling_target) == (3, 2, 5, 2.5)
 
 
 def _bodies(n: int, cells: int) -> list[bytes]:
