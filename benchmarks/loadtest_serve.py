@@ -121,9 +121,8 @@ def main() -> None:
     # 200 requests: a p99 needs more than a hundred samples to be more than the slowest one
     unloaded = drive(url, "/v1/predict", bodies[:200], predicted_cells, clients=1, timeout_s=120, label="unloaded")
     log.info("%s", unloaded.line())
-    holds = (cfg.ingress_admit + cfg.ingress_waiting) * cfg.ingress_replicas
     cap = drive(url, "/v1/predict", bodies[:args.capacity_requests], predicted_cells,
-                clients=args.capacity_clients or holds, timeout_s=300, label="capacity", shed_ok=True)
+                clients=args.capacity_clients or cfg.ingress_holds, timeout_s=300, label="capacity", shed_ok=True)
     capacity = cap.ok / cap.seconds
     log.info("%s -> capacity %.1f req/s", cap.line(), capacity)
     for mult in (float(m) for m in args.multipliers.split(",")):

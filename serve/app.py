@@ -159,9 +159,14 @@ class ServeConfig:
         return self.max_batch_size if self.replica_gpus else min(self.max_batch_size, CPU_ONGOING)
 
     @property
+    def predictor_slots(self) -> int:
+        """Requests all the predictor replicas (at most) work on at once."""
+        return self.predictor_ongoing * max(self.max_replicas, 1)
+
+    @property
     def ingress_admit(self) -> int:
         """Model requests one ingress replica runs at once: its share of what the predictors run."""
-        return math.ceil(self.predictor_ongoing * max(self.max_replicas, 1) / max(self.ingress_replicas, 1))
+        return math.ceil(self.predictor_slots / max(self.ingress_replicas, 1))
 
     @property
     def predictor_accepts(self) -> int:
@@ -178,6 +183,12 @@ class ServeConfig:
         """Model requests one ingress replica holds waiting for a slot (``Admission``): as many as it runs,
         so closed-loop clients up to twice the predictors' slots are never refused."""
         return self.max_queued_requests or self.ingress_admit
+
+    @property
+    def ingress_holds(self) -> int:
+        """Model requests all the ingress replicas take without refusing any (running and in line): closed-loop
+        clients up to this many are never shed."""
+        return (self.ingress_admit + self.ingress_waiting) * max(self.ingress_replicas, 1)
 
     @property
     def autoscaling_target(self) -> float:

@@ -178,9 +178,7 @@ def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Calla
     whatever the server's answers, as clients on the internet do; a shed answer (503/429) is counted with its
     latency, any other non-200 (or no answer within ``timeout_s``) is an error. Bodies are sent pre-encoded,
     with ``Expect: 100-continue`` (as curl sends a large body): a request the server sheds before reading its
-    body costs neither side the upload. aiohttp, not httpx: it implements 100-continue, and on a shared
-    machine it takes a third of httpx's CPU for the same load (measured: 0.12 against 0.3 cores at ~170
-    requests/s of 430 kB), CPU the server under test would otherwise lose to its own load generator."""
+    body costs neither side the upload. aiohttp, not httpx: httpx does not implement 100-continue."""
     import asyncio
     import json
 
@@ -247,19 +245,21 @@ def open_loop(url: str, path: str, bodies: list[dict[str, Any]], answered: Calla
     return res
 
 
-SERVE_PROCESSES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
+_SERVE_PROCESSES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
 
 
-def _serve_processes() -> Iterator[Any]:
-    """This process's Ray Serve processes (proxy, controller, replicas) and the HAProxy it may run."""
+def _serve_processes(haproxy: bool = False) -> Iterator[Any]:
+    """This process's Ray Serve processes (proxy, controller, replicas); with ``haproxy``, also the HAProxy
+    that Serve may run."""
     import psutil
 
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.name().startswith(SERVE_PROCESSES) or proc.name() == "haproxy":
-                yield proc
+            name = proc.name()
         except psutil.Error:
             continue
+        if name.startswith(_SERVE_PROCESSES) or (haproxy and name == "haproxy"):
+            yield proc
 
 
 def server_rss() -> int:
@@ -269,8 +269,7 @@ def server_rss() -> int:
     total = 0
     for proc in _serve_processes():
         try:
-            if proc.name() != "haproxy":
-                total += proc.memory_info().rss
+            total += proc.memory_info().rss
         except psutil.Error:
             continue
     return total
@@ -282,7 +281,7 @@ def server_cpu() -> dict[str, float]:
     import psutil
 
     out: dict[str, float] = {}
-    for proc in _serve_processes():
+    for proc in _serve_processes(haproxy=True):
         try:
             name, t = proc.name(), proc.cpu_times()
         except psutil.Error:

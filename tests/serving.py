@@ -95,7 +95,6 @@ def served() -> dict[str, Any]:
             raise RuntimeError("the Serve app was not ready within 120 s")
         time.sleep(0.5)
     # slots: requests the predictors work on at once; holds: what the ingress replicas take without refusing
-    # (their share of the slots and a line as long): closed-loop load up to `holds` clients is never shed
-    _STATE.update(data, url=url, slots=cfg.predictor_ongoing * cfg.max_replicas,
-                  holds=(cfg.ingress_admit + cfg.ingress_waiting) * cfg.ingress_replicas)
+    # (closed-loop load up to that many clients is never shed)
+    _STATE.update(data, url=url, slots=cfg.predictor_slots, holds=cfg.ingress_holds)
     return _STATE

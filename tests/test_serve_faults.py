@@ -251,16 +251,18 @@ def test_overload_on_a_server_sized_to_the_machine_keeps_accepted_requests_fast(
     replica, the other core left to the ingress, HAProxy and the load generator. (The shared app's two
     predictors keep both cores busy under load: with the rest on the same cores its accepted requests take
     longer, test_overload_is_shed_fast_and_memory_returns prints by how much.)"""
+    from scdrugmap_ray.serve.app import ServeConfig
     from scdrugmap_ray.serve.bench import drive, open_loop, request_bodies
     from scdrugmap_ray.serve.bench import predicted_cells as _predicted_cells
 
     bodies = request_bodies(app["h5ad"], "pca-sim", 200, 200)
+    # what the CLI's server below holds without refusing (one running, one in line)
+    holds = ServeConfig(registry=str(app["registry"]), ingress_replicas=1, replica_cpus=1).ingress_holds
     with _cli_server(app, "--ingress-replicas", "1", "--replica-cpus", "1") as (_, url, _):
         drive(url, "/v1/predict", bodies[:10], _predicted_cells, clients=1, timeout_s=60, headers=H)
         # 200 requests: a p99 needs more than a hundred samples to be more than the slowest one
         unloaded = drive(url, "/v1/predict", bodies, _predicted_cells, clients=1, timeout_s=60, headers=H)
-        # what it holds without refusing: one running, one in line
-        cap = drive(url, "/v1/predict", bodies[:60], _predicted_cells, clients=2, timeout_s=60, headers=H)
+        cap = drive(url, "/v1/predict", bodies[:60], _predicted_cells, clients=holds, timeout_s=60, headers=H)
         res = open_loop(url, "/v1/predict", bodies, _predicted_cells, rate=4 * cap.ok / cap.seconds,
                         duration_s=30, timeout_s=30, headers=H, label="4x")
     info = f"unloaded {unloaded.line()} | capacity {cap.line()} | {res.line()} {res.statuses}"

@@ -104,9 +104,10 @@ def test_serve_config_sizes_slots_lines_and_replica_intake() -> None:
     assert (one.predictor_ongoing, one.ingress_admit, one.ingress_waiting) == (1, 1, 1)
     # the two ingress replicas' shares round up: the replica takes both, works on one at a time
     assert one.predictor_accepts == 2 and one.autoscaling_target == 1.0
+    assert (one.predictor_slots, one.ingress_holds) == (1, 4)  # 4 closed-loop clients are never shed
     two = ServeConfig(registry="r", min_replicas=2, max_replicas=2)
     # a share of one slot each; either replica takes all that both ingress replicas send while the other is replaced
-    assert (two.ingress_admit, two.predictor_accepts) == (1, 2)
+    assert (two.ingress_admit, two.predictor_accepts, two.predictor_slots, two.ingress_holds) == (1, 2, 2, 4)
     gpu = ServeConfig(registry="r", replica_gpus=1, max_batch_size=8)
     assert (gpu.predictor_ongoing, gpu.ingress_admit, gpu.predictor_accepts) == (8, 4, 8)
     own = ServeConfig(registry="r", max_ongoing_requests=3, max_queued_requests=5, target_ongoing_requests=2.5)
